@@ -1,0 +1,1 @@
+"""linjax.curvature (see DESIGN.md). Public names are re-exported here as they land."""

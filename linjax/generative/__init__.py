@@ -1,0 +1,1 @@
+"""linjax.generative (see DESIGN.md). Public names are re-exported here as they land."""

@@ -203,3 +203,19 @@ def check_positive_int(value: Any, name: str, *, minimum: int = 1) -> int:
     if value < minimum:
         raise ValueError(f"{name}={value} must be >= {minimum}")
     return int(value)
+
+
+def check_positive_scalar(value: Any, name: str) -> None:
+    """Raise unless a concrete real scalar ``value`` is finite and > 0.
+
+    Traced values (a damping computed under ``jit``) cannot be inspected and pass through
+    unchecked; everything known at call time is checked eagerly.
+    """
+    if isinstance(value, jax.core.Tracer):
+        return
+    arr = np.asarray(value)
+    real = np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
+    if isinstance(value, bool) or arr.shape != () or not real:
+        raise TypeError(f"{name}={value!r} must be a real scalar")
+    if not (np.isfinite(arr) and arr > 0):
+        raise ValueError(f"{name}={value!r} must be a finite number > 0")

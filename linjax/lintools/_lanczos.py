@@ -13,6 +13,7 @@ from jax import lax
 from linjax import _tree
 
 _REORTHO = ("full", "none")
+_DGKS = 0.7071067811865476  # 1 / sqrt(2)
 
 
 class LanczosResult(NamedTuple):
@@ -106,7 +107,7 @@ def lanczos(
         # Fresh direction after a breakdown (or for a zero v0): Gaussian, then orthogonalised.
         r = _tree.tree_random_like(jr.fold_in(restart_key, j), v0)
         if full:
-            r = reorthogonalise(basis, r)
+            r = reorthogonalise(basis, reorthogonalise(basis, r))
         return _tree.tree_scale(1 / _tree.tree_norm(r), r)
 
     basis = jax.tree.map(lambda x: jnp.zeros((num_steps,) + x.shape, x.dtype), v0)
@@ -125,13 +126,19 @@ def lanczos(
         alpha = _tree.tree_dot(q, w)
         w = _tree.tree_axpy(-alpha, q, _tree.tree_axpy(-beta_prev, q_prev, w))
         if full:
+            # One classical Gram-Schmidt pass, and a second only if the first cancelled much
+            # of w (Kahan-Parlett "twice is enough" criterion, as in ARPACK's DGKS step).
+            w_norm = _tree.tree_norm(w)
             w = reorthogonalise(basis, w)
+            w = lax.cond(
+                _tree.tree_norm(w) < _DGKS * w_norm,
+                lambda: reorthogonalise(basis, w),
+                lambda: w,
+            )
         # |alpha| + beta_prev + ||w|| bounds a row of T, hence gives a running scale of ||A||.
         anorm = jnp.maximum(anorm, jnp.abs(alpha) + beta_prev + _tree.tree_norm(w))
         breakdown = _tree.tree_norm(w) <= eps * anorm
         w = lax.cond(breakdown, lambda: random_unit(basis, j), lambda: w)
-        if full:
-            w = reorthogonalise(basis, w)
         beta = _tree.tree_norm(w)
         safe_beta = jnp.where(beta > 0, beta, 1)
         q_next = _tree.tree_scale(1 / safe_beta, w)

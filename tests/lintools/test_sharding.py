@@ -64,8 +64,10 @@ def test_sharded_vectors_match_unsharded(mesh, getkey):
     sharded_in = (_shard(b, mesh),) + tuple(_shard(p, mesh) for p in params)
     sharded = jax.jit(run)(*sharded_in)
     for a, e in zip(jax.tree.leaves(sharded), jax.tree.leaves(plain), strict=True):
-        # Reductions run in another order when sharded: CG may stop one step apart.
-        atol = 1 if jnp.issubdtype(a.dtype, jnp.integer) else 1e-9
+        # Reductions run in another order when sharded. CG stops only once the true residual
+        # b - A x meets rtol = 1e-11, close to this operator's rounding floor, so the two
+        # runs may stop a few steps apart (both converged, same x to 1e-9).
+        atol = 5 if jnp.issubdtype(a.dtype, jnp.integer) else 1e-9
         np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=1e-8, atol=atol)
     # The Lanczos basis stays distributed: no leaf is gathered into one flat buffer.
     basis_w = sharded[1].basis["w"]

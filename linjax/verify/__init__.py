@@ -1,1 +1,17 @@
-"""linjax.verify (see DESIGN.md). Public names are re-exported here as they land."""
+"""linjax.verify: sound bounds on neural networks by bound propagation (see DESIGN.md §5).
+
+``fn`` is any JAX function of one array; it is traced to a jaxpr and interpreted primitive
+by primitive (:func:`ibp`, :func:`crown`, :func:`linear_bounds`). New primitives are
+taught with :func:`register_rule`.
+"""
+
+# Importing the rule modules fills the rule table.
+from linjax.verify import _crown_rules as _crown_rules
+from linjax.verify import _ibp_rules as _ibp_rules
+from linjax.verify._box import Box as Box
+from linjax.verify._box import LinearBounds as LinearBounds
+from linjax.verify._crown import crown as crown
+from linjax.verify._crown import linear_bounds as linear_bounds
+from linjax.verify._ibp import ibp as ibp
+from linjax.verify._rules import LinearRelaxation as LinearRelaxation
+from linjax.verify._rules import register_rule as register_rule

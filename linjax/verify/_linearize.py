@@ -1,0 +1,207 @@
+r"""Per-node linearizations: the backward (CROWN) step of one equation.
+
+A linearization is built once per node and call of :func:`crown`, from the bounds of its
+arguments, and then applied in every backward pass that crosses the node. Called with
+``lams`` (one ``[S, *out_shape]`` array per output, ``None`` where no coefficient flows
+back) it returns coefficients for the arguments and a bias ``[S]`` such that
+
+$$\sum \Lambda \cdot y \;\ge\; \sum_i \sum \Lambda_i \cdot x_i + \text{bias}$$
+
+for every point of the argument boxes. Upper bounds are lower bounds of $-C f$, so one
+convention serves both (rows of ``lams`` are ``[C; -C]``).
+
+* :class:`LinearLin`: exact, for ops affine in their bounded arguments; $\Lambda_i$ is
+  the VJP of the op applied to each row (``vmap`` over rows), bias
+  $\Lambda \cdot g(0)$.
+* :class:`ElementwiseLin`: from a :class:`~linjax.verify.LinearRelaxation`;
+  $\Lambda_i = \Lambda^+ a^L_i + \Lambda^- a^U_i$ (summed over broadcast axes),
+  bias $\Lambda^+ c^L + \Lambda^- c^U$. Accepts ``alpha`` (free lower slopes at crossing
+  ReLU-like neurons) for alpha-CROWN.
+* :class:`ConcretizeLin`: the fallback; the output is a fresh variable in its interval.
+* :class:`BackwardLin`: wraps a rule's own backward function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from linjax.verify._box import Box
+from linjax.verify._relaxations import PivotFreedom
+from linjax.verify._rules import LinearRelaxation
+
+
+def unbroadcast(lam: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Sum ``lam`` ``[S, *out]`` over the axes along which ``shape`` was broadcast."""
+    extra = lam.ndim - 1 - len(shape)
+    if extra:
+        lam = lam.sum(axis=tuple(range(1, 1 + extra)))
+    axes = tuple(
+        i + 1 for i, (s, t) in enumerate(zip(shape, lam.shape[1:], strict=True)) if s == 1 != t
+    )
+    return lam.sum(axis=axes, keepdims=True) if axes else lam
+
+
+def safe_mul(lam: jax.Array, c: jax.Array) -> jax.Array:
+    """``lam * c`` with ``0 * inf = 0`` (an infinite offset with no weight costs nothing)."""
+    return jnp.where(lam == 0, 0, lam * c)
+
+
+def row_sum(v: jax.Array) -> jax.Array:
+    """Sum over all but the leading (row) axis."""
+    return v.reshape(v.shape[0], -1).sum(axis=1)
+
+
+class LinearLin:
+    """Exact backward step of an op affine in its bounded arguments (through its VJP)."""
+
+    def __init__(self, prim, params: dict, args: list, in_avals: list):
+        self.bounded = [isinstance(a, Box) for a in args]
+        self.multiple = prim.multiple_results
+
+        def f(*bvals):
+            it = iter(bvals)
+            full = [next(it) if b else a for a, b in zip(args, self.bounded, strict=True)]
+            out = prim.bind(*full, **params)
+            return list(out) if self.multiple else out
+
+        zeros = [
+            jnp.zeros(av.shape, av.dtype) for av, b in zip(in_avals, self.bounded, strict=True) if b
+        ]
+        # For an affine op the VJP does not depend on the point; at 0 the primal is g(0).
+        self.offset, self.vjp = jax.vjp(f, *zeros)
+
+    def __call__(self, lams: list, alpha: Any = None):
+        offsets = self.offset if self.multiple else [self.offset]
+        rows = next(lam.shape[0] for lam in lams if lam is not None)
+        full = [
+            lam if lam is not None else jnp.zeros((rows,) + o.shape, o.dtype)
+            for lam, o in zip(lams, offsets, strict=True)
+        ]
+        bias = sum(row_sum(lam * o) for lam, o in zip(full, offsets, strict=True))
+        ct = full if self.multiple else full[0]
+        lam_b = iter(jax.vmap(self.vjp)(ct))
+        lam_ins = [next(lam_b) if b else None for b in self.bounded]
+        return lam_ins, bias
+
+
+class ConcretizeLin:
+    """Fallback: treat each output as a fresh variable ranging over its interval."""
+
+    def __init__(self, out_bounds: list[Box], num_inputs: int):
+        self.out_bounds = out_bounds
+        self.num_inputs = num_inputs
+
+    def __call__(self, lams: list, alpha: Any = None):
+        bias = 0
+        for lam, b in zip(lams, self.out_bounds, strict=True):
+            if lam is not None:
+                lp, ln = jnp.maximum(lam, 0), jnp.minimum(lam, 0)
+                bias = bias + row_sum(safe_mul(lp, b.lower) + safe_mul(ln, b.upper))
+        return [None] * self.num_inputs, bias
+
+
+def _per_input(slopes: Any, bounded: list[bool], name: str) -> list:
+    if isinstance(slopes, (tuple, list)):
+        if len(slopes) != len(bounded):
+            raise ValueError(
+                f"the CROWN rule of '{name}' returned {len(slopes)} slopes for "
+                f"{len(bounded)} arguments (give one per argument, None for constants)"
+            )
+        return [s if b else None for s, b in zip(slopes, bounded, strict=True)]
+    if sum(bounded) != 1:
+        raise ValueError(
+            f"the CROWN rule of '{name}' returned a single slope but {sum(bounded)} arguments "
+            "are bounded; return a tuple with one slope per argument"
+        )
+    return [slopes if b else None for b in bounded]
+
+
+class ElementwiseLin:
+    """Backward step from elementwise linear bounds, with an optional free pivot slope."""
+
+    def __init__(
+        self,
+        relax: LinearRelaxation,
+        args: list,
+        out: Box,
+        name: str,
+        freedom: PivotFreedom | None = None,
+    ):
+        bounded = [isinstance(a, Box) for a in args]
+        shape, dtype = out.lower.shape, out.lower.dtype
+        self.in_shapes = [jnp.shape(a.lower) if isinstance(a, Box) else None for a in args]
+
+        def full(v):
+            return jnp.broadcast_to(jnp.asarray(v, dtype), shape)
+
+        aL = [None if s is None else full(s) for s in _per_input(relax.lower_slopes, bounded, name)]
+        aU = [None if s is None else full(s) for s in _per_input(relax.upper_slopes, bounded, name)]
+        cL, cU = full(relax.lower_offset), full(relax.upper_offset)
+        # Where a line is not finite (a pole, an overflow, an unbounded input), use the
+        # concrete output interval instead: slope 0, offset = the IBP bound.
+        bad_l = ~jnp.isfinite(cL)
+        bad_u = ~jnp.isfinite(cU)
+        for a in aL:
+            bad_l = bad_l if a is None else bad_l | ~jnp.isfinite(a)
+        for a in aU:
+            bad_u = bad_u if a is None else bad_u | ~jnp.isfinite(a)
+        self.aL = [None if a is None else jnp.where(bad_l, 0, a) for a in aL]
+        self.aU = [None if a is None else jnp.where(bad_u, 0, a) for a in aU]
+        self.cL = jnp.where(bad_l, out.lower, cL)
+        self.cU = jnp.where(bad_u, out.upper, cU)
+        self.freedom = None
+        if freedom is not None:
+            # Only slopes at finite, crossing elements of the single bounded input are free.
+            self.freedom = freedom._replace(crossing=freedom.crossing & ~bad_l & ~bad_u)
+            self.slot = bounded.index(True)
+
+    @property
+    def alpha_init(self) -> jax.Array | None:
+        """The pivot slope CROWN chose (alpha-CROWN's starting point), or ``None``."""
+        return None if self.freedom is None else self.freedom.init
+
+    def __call__(self, lams: list, alpha: Any = None):
+        (lam,) = lams
+        aL, aU, cL, cU = list(self.aL), list(self.aU), self.cL, self.cU
+        if alpha is not None and self.freedom is not None:
+            fr = self.freedom
+            s = jnp.clip(alpha, fr.slope_min, fr.slope_max)
+            off = fr.py - s * fr.px
+            low, up = fr.crossing & fr.convex, fr.crossing & ~fr.convex
+            aL[self.slot] = jnp.where(low, s, aL[self.slot])
+            cL = jnp.where(low, off, cL)
+            aU[self.slot] = jnp.where(up, s, aU[self.slot])
+            cU = jnp.where(up, off, cU)
+        lp, ln = jnp.maximum(lam, 0), jnp.minimum(lam, 0)
+        lam_ins = [
+            None if a is None else unbroadcast(lp * a + ln * b, s)
+            for a, b, s in zip(aL, aU, self.in_shapes, strict=True)
+        ]
+        bias = row_sum(jnp.broadcast_to(safe_mul(lp, cL) + safe_mul(ln, cU), lam.shape))
+        return lam_ins, bias
+
+
+class BackwardLin:
+    """Wraps a rule's ``backward(lam) -> (lam_args, bias)`` (``lam`` a list if several outputs)."""
+
+    def __init__(self, fn: Callable, multiple: bool, num_inputs: int, name: str):
+        self.fn, self.multiple, self.num_inputs, self.name = fn, multiple, num_inputs, name
+
+    def __call__(self, lams: list, alpha: Any = None):
+        out = self.fn(lams if self.multiple else lams[0])
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise TypeError(
+                f"the CROWN backward function of '{self.name}' must return (lam_args, bias)"
+            )
+        lam_ins, bias = out
+        lam_ins = list(lam_ins)
+        if len(lam_ins) != self.num_inputs:
+            raise ValueError(
+                f"the CROWN backward function of '{self.name}' returned {len(lam_ins)} "
+                f"coefficients for {self.num_inputs} arguments"
+            )
+        return lam_ins, bias

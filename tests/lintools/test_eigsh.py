@@ -42,6 +42,24 @@ def test_eigsh_matches_numpy(problem, getkey, which):
         assert jnp.linalg.norm(A @ vecs[i] - vals[i] * vecs[i]) <= 1e-6 * 80
 
 
+@pytest.mark.parametrize("reortho", ["partial", "full"])
+@pytest.mark.parametrize("which", ["largest", "smallest"])
+def test_eigsh_reortho_matches_numpy_to_1e10(problem, getkey, which, reortho):
+    # Partial (the default) and full reorthogonalisation give the same accuracy; 200 steps
+    # are enough for 1e-10 on all eight extreme eigenvalues (two of them in the bulk edge).
+    A, w, V = problem
+    vals, vecs = jax.jit(
+        lambda key: lt.eigsh(
+            lt.dense(A), jnp.zeros(N), 8, key=key, num_steps=200, which=which, reortho=reortho
+        )
+    )(getkey())
+    idx = np.arange(N - 1, N - 9, -1) if which == "largest" else np.arange(8)
+    np.testing.assert_allclose(vals, w[idx], rtol=1e-10)
+    np.testing.assert_allclose(jnp.linalg.norm(vecs, axis=1), 1.0, rtol=1e-12)
+    for i in range(5):
+        assert _angle(vecs[i], V[:, idx[i]]) <= 1e-7
+
+
 def test_eigsh_pytree_eigenvectors(problem, getkey):
     A, w, _ = problem
     like = {"w": jnp.zeros((20, 10)), "b": jnp.zeros((200,))}
@@ -74,3 +92,5 @@ def test_eigsh_bad_input(getkey):
         lt.eigsh(mv, jnp.zeros(6), 2, key=getkey(), num_steps=1)
     with pytest.raises(TypeError, match="floating"):
         lt.eigsh(mv, jnp.zeros(6, jnp.int32), 2, key=getkey())
+    with pytest.raises(ValueError, match="reortho='none' must be one of .*'partial', 'full'"):
+        lt.eigsh(mv, jnp.zeros(6), 2, key=getkey(), reortho="none")

@@ -58,6 +58,7 @@ def test_sharded_vectors_match_unsharded(mesh, getkey):
             lt.slq(matvec, b, *params, key=key, num_probes=4, num_steps=10),
             lt.hutchinson_trace(matvec, b, *params, key=key, num_probes=8),
             lt.hutchinson_diagonal(matvec, b, *params, key=key, num_probes=8),
+            lt.lanczos(matvec, b, 60, *params, reortho="partial"),
         )
 
     plain = jax.jit(run)(b, *params)
@@ -72,4 +73,5 @@ def test_sharded_vectors_match_unsharded(mesh, getkey):
     # The Lanczos basis stays distributed: no leaf is gathered into one flat buffer.
     basis_w = sharded[1].basis["w"]
     assert not basis_w.sharding.is_fully_replicated
+    assert not sharded[-1].basis["w"].sharding.is_fully_replicated
     assert sharded[0].x["w"].sharding.spec[0] == "x"

@@ -1,13 +1,14 @@
 """linjax.verify: sound bounds on neural networks by bound propagation (see DESIGN.md §5).
 
 ``fn`` is any JAX function of one array; it is traced to a jaxpr and interpreted primitive
-by primitive (:func:`ibp`, :func:`crown`, :func:`linear_bounds`). New primitives are
-taught with :func:`register_rule`.
+by primitive (:func:`ibp`, :func:`crown`, :func:`alpha_crown`, :func:`linear_bounds`).
+New primitives are taught with :func:`register_rule`.
 """
 
 # Importing the rule modules fills the rule table.
 from linjax.verify import _crown_rules as _crown_rules
 from linjax.verify import _ibp_rules as _ibp_rules
+from linjax.verify._alpha_crown import alpha_crown as alpha_crown
 from linjax.verify._box import Box as Box
 from linjax.verify._box import LinearBounds as LinearBounds
 from linjax.verify._crown import crown as crown

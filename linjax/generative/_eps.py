@@ -40,6 +40,28 @@ def _leaf_summary(tree: Any) -> str:
     )
 
 
+def check_like(out: Any, x: Any, signature: str, what: str) -> None:
+    """Raise unless a model output ``out`` has the structure, shapes and dtypes of ``x``.
+
+    ``ValueError`` for a structure or shape mismatch, ``TypeError`` for a dtype mismatch; the
+    messages name ``signature`` and call the output ``what``.
+    """
+    sx, so = jax.tree.structure(x), jax.tree.structure(out)
+    if sx != so:
+        raise ValueError(f"{signature} returned structure {so}, but x has {sx}")
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(x), strict=True):
+        if tuple(a.shape) != tuple(b.shape):
+            raise ValueError(
+                f"{signature} returned shape {tuple(a.shape)}, but x has shape "
+                f"{tuple(b.shape)}; {what} must have the shape of x"
+            )
+        if a.dtype != b.dtype:
+            raise TypeError(
+                f"{signature} returned dtype {jnp.dtype(a.dtype).name}, but x has dtype "
+                f"{jnp.dtype(b.dtype).name}; cast {what} (or x) so that they agree"
+            )
+
+
 def as_stateful(
     eps_fn: Any, x: Any, cond: Any, *, allow_state: bool, caller: str
 ) -> tuple[Callable[[Any], Any], Callable[..., tuple[Any, Any]]]:
@@ -72,20 +94,7 @@ def as_stateful(
             f"eps_fn(x, t, cond) failed for x with leaves [{_leaf_summary(x)}], an int32 "
             f"scalar t and cond with structure {jax.tree.structure(cond)}: {e}"
         ) from e
-    sx, so = jax.tree.structure(x), jax.tree.structure(out)
-    if sx != so:
-        raise ValueError(f"eps_fn(x, t, cond) returned structure {so}, but x has {sx}")
-    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(x), strict=True):
-        if tuple(a.shape) != tuple(b.shape):
-            raise ValueError(
-                f"eps_fn(x, t, cond) returned shape {tuple(a.shape)}, but x has shape "
-                f"{tuple(b.shape)}; eps must have the shape of x"
-            )
-        if a.dtype != b.dtype:
-            raise TypeError(
-                f"eps_fn(x, t, cond) returned dtype {jnp.dtype(a.dtype).name}, but x has dtype "
-                f"{jnp.dtype(b.dtype).name}; cast the prediction (or x) so that they agree"
-            )
+    check_like(out, x, "eps_fn(x, t, cond)", "eps")
     if jax.tree.structure(new_state) != jax.tree.structure(state):
         raise ValueError(
             "StatefulEpsFn.apply must return a state with the structure init() gives: "

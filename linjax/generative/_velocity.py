@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from linjax import _tree
-from linjax.generative._eps import _leaf_summary
+from linjax.generative._eps import _leaf_summary, check_like
 
 
 def check_callable(fn: Any, name: str, signature: str) -> None:
@@ -41,20 +41,7 @@ def check_output(fn: Callable, args: tuple, like: Any, signature: str) -> None:
         out = jax.eval_shape(fn, *args)
     except Exception as e:  # re-raised with the shapes the model was given
         raise TypeError(f"{signature} failed for x with leaves [{_leaf_summary(like)}]: {e}") from e
-    sx, so = jax.tree.structure(like), jax.tree.structure(out)
-    if sx != so:
-        raise ValueError(f"{signature} returned structure {so}, but x has {sx}")
-    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(like), strict=True):
-        if tuple(a.shape) != tuple(b.shape):
-            raise ValueError(
-                f"{signature} returned shape {tuple(a.shape)}, but x has shape "
-                f"{tuple(b.shape)}; the output must have the shape of x"
-            )
-        if a.dtype != b.dtype:
-            raise TypeError(
-                f"{signature} returned dtype {jnp.dtype(a.dtype).name}, but x has dtype "
-                f"{jnp.dtype(b.dtype).name}; cast the output (or x) so that they agree"
-            )
+    check_like(out, like, signature, "the output")
 
 
 def check_pair_batch(x0: Any, x1: Any) -> int:

@@ -56,9 +56,9 @@ def _ancestors(graph: _graph.Graph, producer: dict[int, int], var: int) -> set[i
     return seen
 
 
-def _sites(graph: _graph.Graph, box: Box, intermediate: str, num_spec: int):
+def _sites(graph: _graph.Graph, box: Box, intermediate: str, num_spec: int, splits=None):
     """Per (start, node) alpha: keys, CROWN initial values ``[rows, *shape]`` and ranges."""
-    prop = propagate(graph, box, intermediate=intermediate)
+    prop = propagate(graph, box, intermediate=intermediate, splits=splits)
     free = {
         i: lin.freedom
         for i, lin in enumerate(prop.lins)
@@ -172,17 +172,18 @@ def alpha_crown(
     return _optimise(fn, box, spec, lr, steps=steps, intermediate=intermediate)
 
 
-def _optimise(fn, box, spec, lr, *, steps, intermediate):
+def _optimise(fn, box, spec, lr, *, steps, intermediate, splits=None):
+    """The alpha-CROWN loop; ``splits`` restricts to a sub-domain (``_crown.propagate``)."""
     with jax.default_matmul_precision("highest"):
         box, graph, mat, out_shape = _prepare(fn, box, spec, intermediate)
         keys: list = []
         inits: list = []
         if _graph.is_bounded(graph.output):
-            keys, inits, lows, highs = _sites(graph, box, intermediate, mat.shape[0])
+            keys, inits, lows, highs = _sites(graph, box, intermediate, mat.shape[0], splits)
 
         def bounds(alist):
             alphas = dict(zip(keys, alist, strict=True)) if keys else None
-            _, (lA, lb, uA, ub), _ = linear_parts(fn, box, spec, intermediate, alphas)
+            _, (lA, lb, uA, ub), _ = linear_parts(fn, box, spec, intermediate, alphas, splits)
             return concretize(lA, lb, box), -concretize(-uA, -ub, box)
 
         if not keys:

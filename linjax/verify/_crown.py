@@ -172,9 +172,20 @@ def _crown_interval(prop: Propagation, box: Box, var: int, alphas: Mapping | Non
 
 
 def propagate(
-    graph: _graph.Graph, box: Box, *, intermediate: str, alphas: Mapping | None = None
+    graph: _graph.Graph,
+    box: Box,
+    *,
+    intermediate: str,
+    alphas: Mapping | None = None,
+    splits: Mapping | None = None,
 ) -> Propagation:
-    """Forward sweep: IBP everywhere, CROWN at pre-activations, a linearization per node."""
+    """Forward sweep: IBP everywhere, CROWN at pre-activations, a linearization per node.
+
+    ``splits`` (branch and bound) maps a variable to ``(lo, hi)`` arrays of its shape: its
+    bounds are intersected with ``[lo, hi]`` before any consumer reads them, so every
+    later bound and relaxation holds on the sub-domain where the variable lies in
+    ``[lo, hi]`` (``-inf``/``inf`` where unconstrained).
+    """
     avals = graph.avals
     needs: set[int] = set()
     if intermediate == "crown":
@@ -204,6 +215,10 @@ def propagate(
                 bounds[v] = Box(
                     jnp.maximum(old.lower, tight.lower), jnp.minimum(old.upper, tight.upper)
                 )
+            if splits is not None and v in splits:
+                lo, hi = splits[v]
+                old = bounds[v]
+                bounds[v] = Box(jnp.maximum(old.lower, lo), jnp.minimum(old.upper, hi))
     return prop
 
 
@@ -255,11 +270,14 @@ def _prepare(fn, box, spec, intermediate):
     return box, graph, mat, out_shape
 
 
-def linear_parts(fn, box, spec, intermediate, alphas: Mapping | None = None):
+def linear_parts(
+    fn, box, spec, intermediate, alphas: Mapping | None = None, splits: Mapping | None = None
+):
     """``(box, (lA, lb, uA, ub), out_shape)`` with rows of ``spec``; the alpha-CROWN entry.
 
     ``alphas`` (see the module docs) must be keyed by the node indices of the graph
-    that :func:`alpha_sites` reports for the same ``fn`` and box shape.
+    that :func:`alpha_sites` reports for the same ``fn`` and box shape; ``splits`` as in
+    :func:`propagate` (the bounds then hold on that sub-domain only).
     """
     box, graph, mat, out_shape = _prepare(fn, box, spec, intermediate)
     if not _graph.is_bounded(graph.output):
@@ -269,7 +287,7 @@ def linear_parts(fn, box, spec, intermediate, alphas: Mapping | None = None):
         zero = jnp.zeros((s,) + box.lower.shape, box.lower.dtype)
         parts = (zero, b, zero, b)
     else:
-        prop = propagate(graph, box, intermediate=intermediate, alphas=alphas)
+        prop = propagate(graph, box, intermediate=intermediate, alphas=alphas, splits=splits)
         parts = _two_sided(prop, box, graph.output, mat, start_key="output", alphas=alphas)
     return box, parts, out_shape
 

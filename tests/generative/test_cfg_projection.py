@@ -196,6 +196,16 @@ def test_without_projection_it_is_plain_cfg_euler(getkey):
     np.testing.assert_allclose(cond_only, ode, rtol=1e-13, atol=1e-13)
 
 
+def test_a_large_ridge_damps_anderson_to_picard(getkey):
+    x0 = jr.normal(getkey(), (16, 2))
+    kw = dict(scale=4.0, num_steps=6, projection_steps=3)
+    picard = gen.cfg_projection_sample(_gmm_velocity, x0, COND, anderson_window=0, **kw)
+    damped = gen.cfg_projection_sample(_gmm_velocity, x0, COND, ridge=1e12, **kw)
+    exact = gen.cfg_projection_sample(_gmm_velocity, x0, COND, **kw)
+    assert float(lxt.rel_err(damped, picard)) < 1e-9
+    assert float(lxt.rel_err(exact, picard)) > 1e-6
+
+
 @pytest.mark.parametrize("window", [0, 1])
 def test_matches_a_hand_written_cfg_mp_loop(getkey, window):
     # N = 10, t_max = 0.35: steps t = 0, 0.1, 0.2, 0.3 are projected with K = 2 iterations of

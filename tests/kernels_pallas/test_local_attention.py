@@ -81,7 +81,8 @@ def test_window_one_is_identity_and_large_window_is_full_attention(impl, getkey)
     one, wide = run(q, k, v)
     for o in one:  # only the query's own key is visible
         np.testing.assert_allclose(o, v, rtol=1e-6, atol=1e-6)
-    full = [jax.nn.dot_product_attention(q, k, v, is_causal=c) for c in (True, False)]
+    with jax.default_matmul_precision("highest"):  # GPUs default to TF32 matmuls
+        full = [jax.nn.dot_product_attention(q, k, v, is_causal=c) for c in (True, False)]
     for o, ref in zip(wide, full * 2, strict=True):
         np.testing.assert_allclose(o, ref, rtol=2e-5, atol=2e-5)
 
@@ -93,9 +94,10 @@ def test_window_convention_matches_jax_local_window(causal, getkey):
     v = jnp.concatenate([v, v], axis=-1)
     for window in (1, 2, 7):
         right = 0 if causal else window - 1
-        ref = jax.nn.dot_product_attention(
-            q, k, v, is_causal=causal, local_window_size=(window - 1, right)
-        )
+        with jax.default_matmul_precision("highest"):
+            ref = jax.nn.dot_product_attention(
+                q, k, v, is_causal=causal, local_window_size=(window - 1, right)
+            )
         o = kp.local_attention_reference(q, k, v, window=window, causal=causal)
         np.testing.assert_allclose(o, ref, rtol=1e-5, atol=1e-5)
 

@@ -9,6 +9,10 @@ New primitives are taught with :func:`register_rule`.
 from linjax.verify import _crown_rules as _crown_rules
 from linjax.verify import _ibp_rules as _ibp_rules
 from linjax.verify._alpha_crown import alpha_crown as alpha_crown
+from linjax.verify._attack import AttackResult as AttackResult
+from linjax.verify._attack import pgd_attack as pgd_attack
+from linjax.verify._bab import BaBResult as BaBResult
+from linjax.verify._bab import branch_and_bound as branch_and_bound
 from linjax.verify._box import Box as Box
 from linjax.verify._box import LinearBounds as LinearBounds
 from linjax.verify._crown import crown as crown

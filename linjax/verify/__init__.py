@@ -20,3 +20,4 @@ from linjax.verify._crown import linear_bounds as linear_bounds
 from linjax.verify._ibp import ibp as ibp
 from linjax.verify._rules import LinearRelaxation as LinearRelaxation
 from linjax.verify._rules import register_rule as register_rule
+from linjax.verify._vnnlib import read_vnnlib as read_vnnlib

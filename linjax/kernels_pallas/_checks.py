@@ -11,6 +11,8 @@ import numpy as np
 
 from linjax import _tree
 
+QKV_LAYOUT = "[batch, seq, heads, head_dim]"
+
 
 def check_array(x: Any, name: str, rank: int, layout: str) -> None:
     """Raise unless ``x`` is a real floating array of the given rank."""
@@ -71,3 +73,34 @@ def check_block_size(block_size: Any) -> int:
     if block_size % 8:
         raise ValueError(f"{block_size=} must be a multiple of 8")
     return block_size
+
+
+def check_qkv(q: Any, k: Any, v: Any) -> None:
+    """Self-attention inputs ``[batch, seq, heads, dim]``: one dtype, one length, GQA heads."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_array(x, name, 4, QKV_LAYOUT)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    (b, t, h, d), (bk, s, hk, dk) = q.shape, k.shape
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(
+            f"k and v must agree on [batch, seq, heads], got k.shape={k.shape}, v.shape={v.shape}"
+        )
+    if bk != b:
+        raise ValueError(
+            f"q and k have different batch sizes: q.shape={q.shape}, k.shape={k.shape}"
+        )
+    if s != t:
+        raise ValueError(
+            f"local attention is self-attention over one sequence: q has seq length {t} but k "
+            f"and v have {s} (q.shape={q.shape}, k.shape={k.shape})"
+        )
+    if t < 1:
+        raise ValueError(f"sequence length must be >= 1, got q.shape={q.shape}")
+    if hk < 1 or h % hk:
+        raise ValueError(
+            f"q has {h} heads, which must be a multiple of the {hk} heads of k and v "
+            f"(grouped-query attention); q.shape={q.shape}, k.shape={k.shape}"
+        )
+    if dk != d:
+        raise ValueError(f"q and k must share head_dim, got q.shape={q.shape}, k.shape={k.shape}")

@@ -45,7 +45,6 @@ class _Config:
     sub: int
     num_chunks: int
     value_tile: int
-    interpret: bool
 
 
 def _precision(dtype) -> lax.Precision:
@@ -106,7 +105,7 @@ def _forward(cfg: _Config, q, k, b, v, h0t):
     vtile = pl.BlockSpec((None, tp, bv), lambda i, j: (i, 0, j))
     stile = pl.BlockSpec((None, bv, dk), lambda i, j: (i, j, 0))
     flops = 2 * bh * tp * dv * (4 * dk + cfg.chunk * 2)
-    return pl.pallas_call(
+    return _compat.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg),
         grid=(bh, dv // bv),
         in_specs=[seq(dk), seq(dk), seq(dk), vtile, stile],
@@ -115,8 +114,6 @@ def _forward(cfg: _Config, q, k, b, v, h0t):
             jax.ShapeDtypeStruct((bh, tp, dv), v.dtype),
             jax.ShapeDtypeStruct(h0t.shape, h0t.dtype),
         ),
-        interpret=cfg.interpret,
-        compiler_params=_compat.compiler_params(2),
         cost_estimate=pl.CostEstimate(
             flops=int(flops),
             transcendentals=int(bh * tp * dk * (cfg.sub + 2)),
@@ -151,7 +148,6 @@ def _kernel_forward(q, k, v, log_gates, initial_state, *, scale: float, chunk_si
         sub=sub_chunk_size(chunk_size),
         num_chunks=n,
         value_tile=_value_tile(dv_p),
-        interpret=_compat.interpret(),
     )
     o, ht = _forward(cfg, layout(q, dk_p), layout(k, dk_p), b, layout(v, dv_p), h0t)
     o = jnp.swapaxes(o.reshape(bsz, h, tp, dv_p), 1, 2)[:, :t, :, :dv]

@@ -2,8 +2,6 @@ r"""1-D local (sliding-window) attention: public entry point, validation and the
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -11,38 +9,6 @@ from jax import lax
 from linjax.kernels_pallas import _checks, _compat
 from linjax.kernels_pallas._local_attention_pallas import local_attention_pallas
 from linjax.kernels_pallas._local_attention_xla import local_attention_xla
-
-_LAYOUT = "[batch, seq, heads, head_dim]"
-
-
-def _check_qkv(q: Any, k: Any, v: Any) -> None:
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        _checks.check_array(x, name, 4, _LAYOUT)
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    (b, t, h, d), (bk, s, hk, dk) = q.shape, k.shape
-    if k.shape[:3] != v.shape[:3]:
-        raise ValueError(
-            f"k and v must agree on [batch, seq, heads], got k.shape={k.shape}, v.shape={v.shape}"
-        )
-    if bk != b:
-        raise ValueError(
-            f"q and k have different batch sizes: q.shape={q.shape}, k.shape={k.shape}"
-        )
-    if s != t:
-        raise ValueError(
-            f"local attention is self-attention over one sequence: q has seq length {t} but k "
-            f"and v have {s} (q.shape={q.shape}, k.shape={k.shape})"
-        )
-    if t < 1:
-        raise ValueError(f"sequence length must be >= 1, got q.shape={q.shape}")
-    if hk < 1 or h % hk:
-        raise ValueError(
-            f"q has {h} heads, which must be a multiple of the {hk} heads of k and v "
-            f"(grouped-query attention); q.shape={q.shape}, k.shape={k.shape}"
-        )
-    if dk != d:
-        raise ValueError(f"q and k must share head_dim, got q.shape={q.shape}, k.shape={k.shape}")
 
 
 def local_attention_mask(seq_len: int, window: int, causal: bool) -> jax.Array:
@@ -87,7 +53,7 @@ def local_attention_reference(
         >>> kp.local_attention_reference(x, x, x, window=2).shape
         (1, 4, 2, 8)
     """
-    _check_qkv(q, k, v)
+    _checks.check_qkv(q, k, v)
     window = _checks.check_window(window)
     scale = _checks.check_scale(scale, q.shape[-1])
     acc = _checks.accum_dtype(q.dtype)
@@ -167,7 +133,7 @@ def local_attention(
         https://arxiv.org/abs/2004.05150;
         Dao (2023), "FlashAttention-2", https://arxiv.org/abs/2307.08691
     """
-    _check_qkv(q, k, v)
+    _checks.check_qkv(q, k, v)
     window = _checks.check_window(window)
     scale = _checks.check_scale(scale, q.shape[-1])
     if block_size is not None:

@@ -18,12 +18,19 @@ and the ``[seq]`` log-sum-exp: no ``O(T^2)`` or ``O(T w)`` tensor is saved.
 
 Grouped-query attention: the key/value ``index_map`` picks head ``h // groups``; ``dk``
 and ``dv`` are produced per query head and summed over each group in XLA.
+
+The kernels are generic block-sparse flash attention: which blocks a program visits and the
+in-block mask come from a static *pattern* (:class:`Window1D` here; the 2-D CLEAR window of
+:mod:`._local_attention_2d_pallas` is another) with ``kv_ranges(i)`` (key-block ranges of
+query block ``i``), ``q_ranges(j)`` (query-block ranges of key block ``j``) and
+``visible(i, j)`` (the ``[block, block]`` mask).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -36,22 +43,74 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 @dataclasses.dataclass(frozen=True)
-class _Config:
-    """Static description of one call (hashable: it keys the jit cache)."""
+class Window1D:
+    """Pattern of the 1-D window over a sequence padded to whole blocks."""
 
     window: int
     causal: bool
-    scale: float
     block: int
     seq_len: int  # true length; the arrays are padded to a multiple of ``block``
     padded_len: int
-    heads: int
-    kv_heads: int
-    interpret: bool
 
     @property
     def num_blocks(self) -> int:
         return self.padded_len // self.block
+
+    def visible(self, q_block, k_block):
+        """``[block, block]`` window mask between query block ``q_block`` and key block."""
+        shape = (self.block, self.block)
+        qpos = q_block * self.block + lax.broadcasted_iota(jnp.int32, shape, 0)
+        kpos = k_block * self.block + lax.broadcasted_iota(jnp.int32, shape, 1)
+        diff = qpos - kpos
+        mask = (diff < self.window) & ((diff >= 0) if self.causal else (diff > -self.window))
+        if self.padded_len != self.seq_len:
+            mask = mask & (kpos < self.seq_len)
+        return mask
+
+    def kv_ranges(self, q_block):
+        """Key blocks ``[lo, hi)`` that intersect the windows of query block ``q_block``."""
+        b = jnp.int32(self.block)
+        q_start = q_block * b
+        lo = lax.div(jnp.maximum(q_start - (self.window - 1), 0), b)
+        last = q_start + b - 1 + (0 if self.causal else self.window - 1)
+        hi = jnp.minimum(lax.div(last, b) + 1, self.num_blocks)
+        return [(lo, hi)]
+
+    def q_ranges(self, k_block):
+        """Query blocks ``[lo, hi)`` whose windows reach into key block ``k_block``."""
+        b = jnp.int32(self.block)
+        k_start = k_block * b
+        first = k_start if self.causal else jnp.maximum(k_start - (self.window - 1), 0)
+        lo = lax.div(first, b)
+        hi = jnp.minimum(lax.div(k_start + b - 1 + self.window - 1, b) + 1, self.num_blocks)
+        return [(lo, hi)]
+
+    def keys_per_query(self) -> int:
+        """Visible keys per query, for cost estimates."""
+        return min(self.window, self.seq_len) * (1 if self.causal else 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlashConfig:
+    """Static description of one call (hashable: it keys the jit cache)."""
+
+    pattern: Any  # Window1D or another pattern with the same methods
+    scale: float
+    heads: int
+    kv_heads: int
+    name: str = "local_attention"
+
+    @property
+    def block(self) -> int:
+        return self.pattern.block
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pattern.num_blocks
+
+    @property
+    def padded_len(self) -> int:
+        return self.pattern.padded_len
 
     @property
     def groups(self) -> int:
@@ -63,8 +122,6 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _default_block(seq_len: int) -> int:
-    if _compat.backend() in ("gpu", "tpu"):
-        return 128 if seq_len >= 128 else max(16, pl.next_power_of_2(seq_len))
     return min(128, max(16, pl.next_power_of_2(seq_len)))
 
 
@@ -79,39 +136,14 @@ def _dot(a, b, acc, *, trans_a=False, trans_b=False):
     return lax.dot_general(a, b, dims, precision=_precision(a.dtype), preferred_element_type=acc)
 
 
-def _visible(q_start, k_start, cfg: _Config):
-    """``[block, block]`` window mask between the tiles starting at ``q_start``/``k_start``."""
-    shape = (cfg.block, cfg.block)
-    qpos = q_start + lax.broadcasted_iota(jnp.int32, shape, 0)
-    kpos = k_start + lax.broadcasted_iota(jnp.int32, shape, 1)
-    diff = qpos - kpos
-    mask = (diff < cfg.window) & ((diff >= 0) if cfg.causal else (diff > -cfg.window))
-    if cfg.padded_len != cfg.seq_len:
-        mask = mask & (kpos < cfg.seq_len)
-    return mask
+def _loop(ranges, body, carry):
+    """Run ``body(j, carry)`` for ``j`` in each ``[lo, hi)`` of ``ranges`` in turn."""
+    for lo, hi in ranges:
+        carry = lax.fori_loop(lo, hi, body, carry)
+    return carry
 
 
-def _kv_range(q_block, cfg: _Config):
-    """Key blocks ``[lo, hi)`` that intersect the windows of query block ``q_block``."""
-    b = jnp.int32(cfg.block)
-    q_start = q_block * b
-    lo = lax.div(jnp.maximum(q_start - (cfg.window - 1), 0), b)
-    last = q_start + b - 1 + (0 if cfg.causal else cfg.window - 1)
-    hi = jnp.minimum(lax.div(last, b) + 1, cfg.num_blocks)
-    return lo, hi
-
-
-def _q_range(k_block, cfg: _Config):
-    """Query blocks ``[lo, hi)`` whose windows reach into key block ``k_block``."""
-    b = jnp.int32(cfg.block)
-    k_start = k_block * b
-    first = k_start if cfg.causal else jnp.maximum(k_start - (cfg.window - 1), 0)
-    lo = lax.div(first, b)
-    hi = jnp.minimum(lax.div(k_start + b - 1 + cfg.window - 1, b) + 1, cfg.num_blocks)
-    return lo, hi
-
-
-def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Config):
+def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: FlashConfig):
     b = cfg.block
     i = pl.program_id(1)
     q = q_ref[...]
@@ -123,7 +155,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Config):
         k = k_ref[pl.ds(start, b), :]
         v = v_ref[pl.ds(start, b), :]
         s = _dot(q, k, acc_t, trans_b=True) * cfg.scale
-        s = jnp.where(_visible(i * b, start, cfg), s, MASK_VALUE)
+        s = jnp.where(cfg.pattern.visible(i, j), s, MASK_VALUE)
         m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
         correction = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new)
@@ -134,14 +166,13 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Config):
     m0 = jnp.full((b, 1), MASK_VALUE, acc_t)
     l0 = jnp.zeros((b, 1), acc_t)
     acc0 = jnp.zeros((b, v_ref.shape[-1]), acc_t)
-    lo, hi = _kv_range(i, cfg)
-    m, l, acc = lax.fori_loop(lo, hi, body, (m0, l0, acc0))
+    m, l, acc = _loop(cfg.pattern.kv_ranges(i), body, (m0, l0, acc0))
     # Every real query sees itself, so l >= 1 after the loop (FlashAttention-2 §3.1.1).
     o_ref[...] = (acc / l).astype(o_ref.dtype)
     lse_ref[...] = m + jnp.log(l)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: _Config):
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: FlashConfig):
     b = cfg.block
     i = pl.program_id(1)
     q, do = q_ref[...], do_ref[...]
@@ -154,12 +185,11 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: 
         v = v_ref[pl.ds(start, b), :]
         s = _dot(q, k, acc_t, trans_b=True) * cfg.scale
         # Mask before exp: a hidden score may exceed lse by any amount.
-        p = jnp.exp(jnp.where(_visible(i * b, start, cfg), s - lse, -jnp.inf))
+        p = jnp.exp(jnp.where(cfg.pattern.visible(i, j), s - lse, -jnp.inf))
         ds = p * (_dot(do, v, acc_t, trans_b=True) - delta)
         return dq + _dot(ds.astype(k.dtype), k, acc_t)
 
-    lo, hi = _kv_range(i, cfg)
-    dq = lax.fori_loop(lo, hi, body, jnp.zeros((b, q.shape[-1]), acc_t))
+    dq = _loop(cfg.pattern.kv_ranges(i), body, jnp.zeros((b, q.shape[-1]), acc_t))
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
@@ -177,52 +207,49 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
         lse = lse_ref[pl.ds(start, b), :]
         delta = delta_ref[pl.ds(start, b), :]
         s = _dot(q, k, acc_t, trans_b=True) * cfg.scale
-        p = jnp.exp(jnp.where(_visible(start, j * b, cfg), s - lse, -jnp.inf))
+        p = jnp.exp(jnp.where(cfg.pattern.visible(i, j), s - lse, -jnp.inf))
         dv = dv + _dot(p.astype(do.dtype), do, acc_t, trans_a=True)
         ds = p * (_dot(do, v, acc_t, trans_b=True) - delta)
         dk = dk + _dot(ds.astype(q.dtype), q, acc_t, trans_a=True)
         return dk, dv
 
-    lo, hi = _q_range(j, cfg)
     init = (jnp.zeros((b, k.shape[-1]), acc_t), jnp.zeros((b, v.shape[-1]), acc_t))
-    dk, dv = lax.fori_loop(lo, hi, body, init)
+    dk, dv = _loop(cfg.pattern.q_ranges(j), body, init)
     dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
 # Block specs over the [batch * heads, seq, dim] layout; the grid is (batch * heads, blocks).
-def _tile(cfg: _Config, dim: int) -> pl.BlockSpec:
+def _tile(cfg: FlashConfig, dim: int) -> pl.BlockSpec:
     return pl.BlockSpec((None, cfg.block, dim), lambda bh, i: (bh, i, 0))
 
 
-def _whole(cfg: _Config, dim: int) -> pl.BlockSpec:
+def _whole(cfg: FlashConfig, dim: int) -> pl.BlockSpec:
     return pl.BlockSpec((None, cfg.padded_len, dim), lambda bh, i: (bh, 0, 0))
 
 
-def _kv_head(cfg: _Config, bh):
+def _kv_head(cfg: FlashConfig, bh):
     # lax.div / lax.rem on non-negative ints: floor division would lower through `sign`.
     heads = jnp.int32(cfg.heads)
     batch, head = lax.div(bh, heads), lax.rem(bh, heads)
     return batch * cfg.kv_heads + lax.div(head, jnp.int32(cfg.groups))
 
 
-def _kv_tile(cfg: _Config, dim: int) -> pl.BlockSpec:
+def _kv_tile(cfg: FlashConfig, dim: int) -> pl.BlockSpec:
     return pl.BlockSpec((None, cfg.block, dim), lambda bh, j: (_kv_head(cfg, bh), j, 0))
 
 
-def _kv_whole(cfg: _Config, dim: int) -> pl.BlockSpec:
+def _kv_whole(cfg: FlashConfig, dim: int) -> pl.BlockSpec:
     return pl.BlockSpec((None, cfg.padded_len, dim), lambda bh, i: (_kv_head(cfg, bh), 0, 0))
 
 
-def _call(kernel, cfg: _Config, *, in_specs, out_specs, out_shape, name, flops, bytes_):
-    return pl.pallas_call(
+def _call(kernel, cfg: FlashConfig, *, in_specs, out_specs, out_shape, name, flops, bytes_):
+    return _compat.pallas_call(
         functools.partial(kernel, cfg=cfg),
         grid=(out_shape[0].shape[0], cfg.num_blocks),
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        interpret=cfg.interpret,
-        compiler_params=_compat.compiler_params(2),
         cost_estimate=pl.CostEstimate(
             flops=int(flops), transcendentals=int(flops // 8), bytes_accessed=int(bytes_)
         ),
@@ -230,12 +257,12 @@ def _call(kernel, cfg: _Config, *, in_specs, out_specs, out_shape, name, flops, 
     )
 
 
-def _window_flops(cfg: _Config, rows: int, d: int, dv: int) -> float:
-    keys = min(cfg.window, cfg.seq_len) * (1 if cfg.causal else 2)
+def _window_flops(cfg: FlashConfig, rows: int, d: int, dv: int) -> float:
+    keys = cfg.pattern.keys_per_query()
     return 2.0 * rows * cfg.padded_len * keys * (d + dv)
 
 
-def _forward(cfg: _Config, q, k, v):
+def _forward(cfg: FlashConfig, q, k, v):
     bh, _, d = q.shape
     dv = v.shape[-1]
     out_shape = (
@@ -248,13 +275,13 @@ def _forward(cfg: _Config, q, k, v):
         in_specs=[_tile(cfg, d), _kv_whole(cfg, d), _kv_whole(cfg, dv)],
         out_specs=(_tile(cfg, dv), _tile(cfg, 1)),
         out_shape=out_shape,
-        name="local_attention_fwd",
+        name=f"{cfg.name}_fwd",
         flops=_window_flops(cfg, bh, d, dv),
         bytes_=(q.size + 2 * k.size + v.size) * q.dtype.itemsize,
     )(q, k, v)
 
 
-def _backward(cfg: _Config, q, k, v, o, lse, do):
+def _backward(cfg: FlashConfig, q, k, v, o, lse, do):
     bh, _, d = q.shape
     dv = v.shape[-1]
     acc_t = _checks.accum_dtype(q.dtype)
@@ -274,7 +301,7 @@ def _backward(cfg: _Config, q, k, v, o, lse, do):
         ],
         out_specs=(_tile(cfg, d),),
         out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype),),
-        name="local_attention_dq",
+        name=f"{cfg.name}_dq",
         flops=flops,
         bytes_=nbytes,
     )(q, k, v, do, lse, delta)[0]
@@ -296,7 +323,7 @@ def _backward(cfg: _Config, q, k, v, o, lse, do):
             jax.ShapeDtypeStruct((bh, cfg.padded_len, d), grad_t),
             jax.ShapeDtypeStruct((bh, cfg.padded_len, dv), grad_t),
         ),
-        name="local_attention_dkv",
+        name=f"{cfg.name}_dkv",
         flops=1.5 * flops,
         bytes_=nbytes,
     )(q, k, v, do, lse, delta)
@@ -311,27 +338,41 @@ def _backward(cfg: _Config, q, k, v, o, lse, do):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(cfg: _Config, q, k, v):
+def _attention(cfg: FlashConfig, q, k, v):
     return _forward(cfg, q, k, v)[0]
 
 
-def _attention_fwd(cfg: _Config, q, k, v):
+def _attention_fwd(cfg: FlashConfig, q, k, v):
     o, lse = _forward(cfg, q, k, v)
     return o, (q, k, v, o, lse)
 
 
-def _attention_bwd(cfg: _Config, residuals, do):
+def _attention_bwd(cfg: FlashConfig, residuals, do):
     return _backward(cfg, *residuals, do)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _to_kernel_layout(x, padded_len: int, dim: int):
-    """``[b, t, h, e]`` -> ``[b * h, padded_len, dim]`` (zero padding)."""
+def flash_attention(cfg: FlashConfig, q, k, v):
+    """Block-sparse flash attention in the kernel layout ``[batch * heads, padded_len, dim]``.
+
+    ``k`` and ``v`` have ``batch * kv_heads`` rows; differentiable (``custom_vjp``).
+    """
+    return _attention(cfg, q, k, v)
+
+
+def to_kernel_layout(x, dim: int):
+    """``[b, t, h, e]`` -> ``[b * h, t, dim]``, zero-padding the last axis to ``dim``."""
     b, t, h, e = x.shape
-    x = jnp.pad(x, ((0, 0), (0, padded_len - t), (0, 0), (0, dim - e)))
-    return jnp.swapaxes(x, 1, 2).reshape(b * h, padded_len, dim)
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, dim - e)))
+    return jnp.swapaxes(x, 1, 2).reshape(b * h, t, dim)
+
+
+def from_kernel_layout(o, batch: int, dim: int):
+    """``[b * h, t, dim_padded]`` -> ``[b, t, h, dim]``."""
+    o = o.reshape(batch, -1, *o.shape[1:])[..., :dim]
+    return jnp.swapaxes(o, 1, 2)
 
 
 @functools.partial(jax.jit, static_argnames=("window", "causal", "scale", "block_size"))
@@ -350,23 +391,16 @@ def local_attention_pallas(
     hk, dv = k.shape[2], v.shape[-1]
     block = block_size or _default_block(t)
     padded_len = _cdiv(t, block) * block
-    cfg = _Config(
-        window=min(window, t),
-        causal=causal,
-        scale=scale,
-        block=block,
-        seq_len=t,
-        padded_len=padded_len,
-        heads=h,
-        kv_heads=hk,
-        interpret=_compat.interpret(),
+    pattern = Window1D(
+        window=min(window, t), causal=causal, block=block, seq_len=t, padded_len=padded_len
     )
+    cfg = FlashConfig(pattern=pattern, scale=scale, heads=h, kv_heads=hk)
     dk_pad, dv_pad = _compat.pad_dim_for_backend(d), _compat.pad_dim_for_backend(dv)
-    o = _attention(
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, padded_len - t), (0, 0), (0, 0)))
+    o = flash_attention(
         cfg,
-        _to_kernel_layout(q, padded_len, dk_pad),
-        _to_kernel_layout(k, padded_len, dk_pad),
-        _to_kernel_layout(v, padded_len, dv_pad),
+        to_kernel_layout(pad(q), dk_pad),
+        to_kernel_layout(pad(k), dk_pad),
+        to_kernel_layout(pad(v), dv_pad),
     )
-    o = o.reshape(b, h, padded_len, dv_pad)[:, :, :t, :dv]
-    return jnp.swapaxes(o, 1, 2)
+    return from_kernel_layout(o, b, dv)[:, :t]

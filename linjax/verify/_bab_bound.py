@@ -15,10 +15,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from linjax.verify import _graph
 from linjax.verify import _linearize as lz
-from linjax.verify._alpha_crown import _optimise
+from linjax.verify._alpha_crown import _optimise, _sites
 from linjax.verify._attack import pgd
 from linjax.verify._box import Box
 from linjax.verify._crown import concretize, propagate
@@ -59,11 +60,17 @@ def find_sites(graph: _graph.Graph, prop_root) -> list[Site]:
     return sites
 
 
-def _backward_record(prop, start: int, lam0: jax.Array, nodes: set[int]):
-    """``_crown.backward`` without alphas, also returning the coefficients at ``nodes``."""
+def _backward_record(prop, start: int, lam0: jax.Array, nodes: set[int], alphas=None, inject=None):
+    """``_crown.backward``, also returning the coefficients at ``nodes``.
+
+    ``alphas`` maps node indices to slopes ``[rows, *shape]``; ``inject`` maps variables
+    to extra coefficients (the beta-CROWN split terms) added to the objective.
+    """
     graph, avals = prop.graph, prop.graph.avals
     rows = lam0.shape[0]
     lams = {start: lam0}
+    for r, lam in (inject or {}).items():
+        lams[r] = lams[r] + lam if r in lams else lam
     bias = jnp.zeros((rows,), lam0.dtype)
     seen = {}
     for idx in range(prop.producer[start], -1, -1):
@@ -73,7 +80,7 @@ def _backward_record(prop, start: int, lam0: jax.Array, nodes: set[int]):
             continue
         if idx in nodes:
             seen[idx] = outs[0]
-        lam_ins, b = prop.lins[idx](outs, None)
+        lam_ins, b = prop.lins[idx](outs, None if alphas is None else alphas.get(idx))
         bias = bias + b
         for r, li in zip(node.inputs, lam_ins, strict=True):
             if li is not None and _graph.is_bounded(r):
@@ -82,6 +89,71 @@ def _backward_record(prop, start: int, lam0: jax.Array, nodes: set[int]):
     if lam_x is None:
         lam_x = jnp.zeros((rows,) + tuple(avals[0].shape), avals[0].dtype)
     return lam_x, bias, seen
+
+
+def beta_crown(graph, box: Box, lam0, splits: dict, *, steps: int, lr, intermediate: str):
+    r"""Lower bounds ``[S]`` of ``lam0 . f`` on a ReLU-split sub-domain (alpha-beta-CROWN).
+
+    The sub-domain is $\{x \in B : lo \le z_r(x) \le hi\}$ for the clamped variables.
+    For multipliers $\beta^{lo}, \beta^{hi} \ge 0$, on it
+    $c^\top f \ge c^\top f - \beta^{lo} \cdot (z - lo) - \beta^{hi} \cdot (hi - z)$,
+    whose CROWN lower bound over the whole box (relaxations from the clamped bounds) is
+    maximised jointly over the free slopes (alpha) and $\beta$ by projected Adam,
+    keeping the best value per row. $\beta = 0$ is plain alpha-CROWN on the clamped
+    bounds (the starting point), so the result is never looser than that.
+    """
+    s = lam0.shape[0]
+    keys, inits, lows, highs = _sites(graph, box, intermediate, s, splits)
+    masks = {r: (jnp.isfinite(lo), jnp.isfinite(hi)) for r, (lo, hi) in splits.items()}
+    ends = {
+        r: (jnp.where(ml, lo, 0), jnp.where(mh, hi, 0))
+        for (r, (lo, hi)), (ml, mh) in zip(splits.items(), masks.values(), strict=True)
+    }
+    betas0 = {r: (jnp.zeros((s,) + lo.shape, lo.dtype),) * 2 for r, (lo, _) in splits.items()}
+
+    def lower(params):
+        alist, betas = params
+        alphas = dict(zip(keys, alist, strict=True)) if keys else None
+        p = propagate(graph, box, intermediate=intermediate, alphas=alphas, splits=splits)
+        out_alphas = {idx: a[:s] for (k, idx), a in (alphas or {}).items() if k == "output"}
+        inject, extra = {}, jnp.zeros((s,), lam0.dtype)
+        for r, (b_lo, b_hi) in betas.items():
+            (ml, mh), (lo, hi) = masks[r], ends[r]
+            b_lo, b_hi = jnp.where(ml, b_lo, 0), jnp.where(mh, b_hi, 0)
+            inject[r] = b_hi - b_lo
+            extra = extra + lz.row_sum(b_lo * lo - b_hi * hi)
+        lam_x, bias, _ = _backward_record(p, graph.output, lam0, set(), out_alphas, inject)
+        return concretize(lam_x, bias + extra, box)
+
+    params = (list(inits), betas0)
+    if not keys and not splits:
+        return lower(params)
+    opt = optax.adam(lr)
+
+    def objective(params):
+        low = lower(params)
+        return jnp.where(jnp.isfinite(low), low, 0).sum(), low
+
+    grad = jax.value_and_grad(objective, has_aux=True)
+
+    def project(params):
+        alist, betas = params
+        alist = [jnp.clip(a, lo, hi) for a, lo, hi in zip(alist, lows, highs, strict=True)]
+        return alist, jax.tree.map(lambda b: jnp.maximum(b, 0), betas)
+
+    def step(carry, _):
+        params, state, best = carry
+        (_, low), g = grad(params)
+        g = jax.tree.map(lambda v: jnp.where(jnp.isfinite(v), v, 0), g)
+        g = jax.tree.map(jnp.negative, g)  # ascent
+        upd, state = opt.update(g, state, params)
+        params = project(optax.apply_updates(params, upd))
+        return (params, state, jnp.maximum(best, jnp.where(jnp.isnan(low), -jnp.inf, low))), None
+
+    best0 = jnp.full((s,), -jnp.inf, lam0.dtype)
+    (params, _, best), _ = jax.lax.scan(step, (params, opt.init(params), best0), None, steps)
+    low = lower(params)
+    return jnp.maximum(best, jnp.where(jnp.isnan(low), -jnp.inf, low))
 
 
 def _pivot_gap(lin, lam: jax.Array, px: jax.Array) -> jax.Array:
@@ -132,6 +204,11 @@ def make_bounder(
                 ob = p.bounds[graph.output]
                 lo, hi = ob.lower.reshape(-1), ob.upper.reshape(-1)
                 lb = jnp.maximum(spec, 0) @ lo + jnp.minimum(spec, 0) @ hi
+            elif method == "alpha-crown" and splits:
+                beta = beta_crown(
+                    graph, box, lam0, splits, steps=steps, lr=lr, intermediate=intermediate
+                )
+                lb = jnp.maximum(lb, beta)
             elif method == "alpha-crown":
                 opt = _optimise(
                     fn, box, spec, lr, steps=steps, intermediate=intermediate, splits=splits

@@ -118,10 +118,13 @@ def branch_and_bound(
       its pre-activation bounds to $[p, u]$ (active) and $[l, p]$ (inactive). The
       clamped bounds enter the relaxations and all later intermediate bounds, so each
       child's bound is sound on its half $\{x \in B: z_j(x) \gtrless p\}$; the halves
-      cover the box. This is BaB without β-CROWN's Lagrange multipliers (sound,
-      somewhat looser per domain). A sub-domain whose clamped intervals become empty
-      (lower > upper beyond rounding) is closed. Falls back to an input split when no
-      unstable neuron is left.
+      cover the box. With ``method="alpha-crown"`` the split constraints also enter
+      the final bound through Lagrange multipliers $\beta \ge 0$, optimised jointly
+      with the slopes (β-CROWN, Wang et al. 2021), so the bound of a fully split
+      domain can reach its exact linear-programming value; with ``"crown"``/``"ibp"`` only the clamps act
+      and ReLU splitting converges poorly (prefer input splitting there). A sub-domain
+      whose clamped intervals become empty (lower > upper beyond rounding) is closed.
+      Falls back to an input split when no unstable neuron is left.
     * ``split="auto"``: input splitting if the input has at most ``AUTO_INPUT_DIM`` (8)
       coordinates or ``fn`` has no ReLU-like node, ReLU splitting otherwise.
 
@@ -177,6 +180,9 @@ def branch_and_bound(
         verification" (BaBSR), https://arxiv.org/abs/1909.06588.
         Xu et al. (2021), "Fast and complete" (alpha-CROWN BaB on batches of domains),
         https://arxiv.org/abs/2011.13824.
+        Wang et al. (2021), "Beta-CROWN: efficient bound propagation with per-neuron
+        split constraints for complete and incomplete neural network verification",
+        https://arxiv.org/abs/2103.06624.
         Madry et al. (2018), "Towards deep learning models resistant to adversarial
         attacks" (PGD), https://arxiv.org/abs/1706.06083.
     """

@@ -88,7 +88,9 @@ def _fwd_kernel(q_ref, k_ref, b_ref, v_ref, h0_ref, o_ref, ht_ref, *, cfg: _Conf
         b_last = rows(b_ref, base + big_c - 1, 1)
         return state_t * jnp.exp(b_last) + _dot(v, k * jnp.exp(b_last - b), trans_a=True)
 
-    state_t = lax.fori_loop(0, cfg.num_chunks, chunk, h0_ref[...].astype(acc))
+    # int32 bounds: with x64 on, Python-int bounds give an int64 index Mosaic cannot mix.
+    n_chunks = jnp.int32(cfg.num_chunks)
+    state_t = lax.fori_loop(jnp.int32(0), n_chunks, chunk, h0_ref[...].astype(acc))
     ht_ref[...] = state_t.astype(ht_ref.dtype)
 
 

@@ -11,6 +11,7 @@ kernel on GPU/TPU and the blocked XLA implementation on CPU; Pallas runs through
 interpreter on CPU. Each op has an ``<op>_reference`` oracle.
 """
 
+from linjax.kernels_pallas import layers as layers
 from linjax.kernels_pallas._gla import gated_linear_attention as gated_linear_attention
 from linjax.kernels_pallas._gla import (
     gated_linear_attention_reference as gated_linear_attention_reference,

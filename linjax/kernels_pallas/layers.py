@@ -15,6 +15,7 @@ explicit cache (a NamedTuple pytree: :class:`KVCache`, :class:`GLACache`, :class
 for generation, so a decode loop can be jitted and scanned.
 """
 
+from linjax.kernels_pallas._layers_clear import LocalAttention2D as LocalAttention2D
 from linjax.kernels_pallas._layers_common import GLACache as GLACache
 from linjax.kernels_pallas._layers_common import KVCache as KVCache
 from linjax.kernels_pallas._layers_common import LigerCache as LigerCache
@@ -29,6 +30,7 @@ __all__ = [
     "KVCache",
     "LigerAttention",
     "LigerCache",
+    "LocalAttention2D",
     "SoftmaxAttention",
     "linearize",
 ]

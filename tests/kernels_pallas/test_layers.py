@@ -339,6 +339,60 @@ def test_jit_and_grad_match_finite_differences(make, getkey):
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
 
 
+# --- CLEAR 2-D local attention ----------------------------------------------------------------
+
+
+def clear_np(m, x, grid_shape, radius, num_global):
+    """Dense softmax attention under CLEAR's mask, by hand in float64 from the layer's weights."""
+    x = np.asarray(x, np.float64)
+    q, k, v = (proj_np(m, n, x) for n in ("query", "key", "value"))
+    h, w = grid_shape
+    y, xx = np.divmod(np.arange(h * w), w)
+    visible = np.ones((x.shape[1],) * 2, bool)
+    d2 = (y[:, None] - y[None]) ** 2 + (xx[:, None] - xx[None]) ** 2
+    visible[num_global:, num_global:] = d2 < radius**2
+    return proj_np(m, "out", masked_attention_np(q, k, v, visible, q.shape[-1] ** -0.5))
+
+
+@pytest.mark.parametrize(
+    "grid_shape, radius, num_global, kv_heads",
+    [((7, 5), 2, 3, 2), ((6, 9), 3.5, 0, 4), ((4, 3), 10, 2, 1)],  # last: r > diagonal
+)
+def test_local_attention_2d_matches_dense_masked_oracle(
+    grid_shape, radius, num_global, kv_heads, getkey
+):
+    m = layers.LocalAttention2D(4, C, radius=radius, num_kv_heads=kv_heads, rngs=nnx.Rngs(0))
+    randomize(m, getkey())
+    t = num_global + grid_shape[0] * grid_shape[1]
+    x = make_x(getkey(), t=t)
+    call = nnx.jit(lambda m, x: m(x, grid_shape=grid_shape, num_global=num_global))
+    y = call(m, x)
+    assert y.shape == (B, t, C)
+    assert rel_err(y, clear_np(m, x, grid_shape, radius, num_global)) < 1e-5
+    if radius == 2:  # strict: the pairs at distance exactly 2 must be excluded
+        assert rel_err(y, clear_np(m, x, grid_shape, 2.01, num_global)) > 1e-3
+
+
+def test_local_attention_2d_from_attention_and_grad(getkey):
+    mha = randomize(nnx.MultiHeadAttention(2, C, rngs=nnx.Rngs(0)), getkey())
+    m = layers.LocalAttention2D.from_attention(mha, radius=2)
+    for a, b in zip(
+        jax.tree.leaves(nnx.state(mha, nnx.Param)),
+        jax.tree.leaves(nnx.state(m, nnx.Param)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+    x = make_x(getkey(), t=1 + 4 * 4)
+    graphdef, params = nnx.split(m, nnx.Param)
+    loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(x, grid_shape=(4, 4), num_global=1) ** 2)
+    grads = jax.jit(jax.grad(loss))(params)
+    assert all(np.all(np.isfinite(g)) and np.any(g != 0) for g in jax.tree.leaves(grads))
+    with pytest.raises(ValueError, match="rotary"):
+        layers.LocalAttention2D.from_attention(
+            layers.SoftmaxAttention(2, C, rope_theta=10.0, rngs=nnx.Rngs(0)), radius=2
+        )
+
+
 # --- errors -----------------------------------------------------------------------------------
 
 
@@ -388,6 +442,13 @@ def test_bad_inputs():
         layers.linearize(nnx.MultiHeadAttention(2, C, normalize_qk=True, rngs=r))
     with pytest.raises(ValueError, match="self-attention"):
         layers.linearize(nnx.MultiHeadAttention(2, C, in_kv_features=8, rngs=r))
+    clear = layers.LocalAttention2D(2, C, radius=2, rngs=r)
+    with pytest.raises(ValueError, match="num_global \\+ height \\* width"):
+        clear(jnp.ones((B, 12, C)), grid_shape=(3, 3), num_global=2)
+    with pytest.raises(ValueError, match="radius"):
+        layers.LocalAttention2D(2, C, radius=0, rngs=r)
+    with pytest.raises(TypeError, match="radius"):
+        layers.LocalAttention2D(2, C, radius="8", rngs=r)
 
 
 def test_layers_reachable_from_package():

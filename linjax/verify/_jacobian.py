@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from linjax.verify import _derivative_rules, _graph
+from linjax.verify import _derivative_rules, _graph, _smooth
 from linjax.verify._box import Box, check_box
 from linjax.verify._crown import _two_sided, concretize, propagate
 from linjax.verify._ibp import ibp_node, node_args
@@ -55,9 +55,12 @@ def jacobian_bounds(
       $[0, 1]$ (the derivative ``select(z > 0, g, 0)`` is relaxed by the hull of its
       two branches, linearly in $g$: $\tfrac{-l}{u-l}(g-u) \le \text{relu}'(z) g \le
       \tfrac{u}{u-l}(g-l)$ for $g\in[l,u]$);
-    * smooth derivatives ($\tanh' = 1 - \tanh^2$, $\sigma' = \sigma(1-\sigma)$, GELU's
-      $\Phi + x\varphi$) are bounded through their own graphs (products of bounded
-      values by interval arithmetic / McCormick planes);
+    * the derivatives of ``tanh``, ``logistic`` (sigmoid), ``erf``, ``erfc`` and
+      ``atan`` are single nodes bounded by their exact range on the pre-activation
+      interval (``fn`` is re-traced with these activations in a ``custom_jvp``); other
+      smooth pieces (GELU's product $x\,\Phi(x)$, softplus, ...) are bounded through
+      their own derivative graphs, products of bounded values by interval arithmetic /
+      McCormick planes (sound, looser on wide pre-activation intervals);
     * products with the weights are exact (centre/radius) in IBP and kept symbolic in
       CROWN's backward pass, which is what makes the bounds tighter than a product of
       layer norms.
@@ -119,7 +122,7 @@ def jacobian_bounds(
     jac_shape = tuple(out.shape) + in_shape
     like = jax.ShapeDtypeStruct(in_shape, box.lower.dtype)
     with jax.default_matmul_precision("highest"):
-        graph = _graph.trace(jax.jacrev(fn), like)
+        graph = _graph.trace(jax.jacrev(_smooth.with_derivative_nodes(fn, like)), like)
         if not _graph.is_bounded(graph.output):  # affine fn: a constant Jacobian
             value = jnp.broadcast_to(jnp.asarray(graph.output.value, out.dtype), jac_shape)
             return Box(value, value)

@@ -212,3 +212,28 @@ def test_bad_inputs():
         vf.jacobian_bounds(lambda x: (x, x), vf.Box(jnp.zeros(3), jnp.ones(3)))
     with pytest.raises(NotImplementedError, match="lgamma"):
         vf.jacobian_bounds(jax.lax.lgamma, vf.Box(jnp.ones(3), 2 * jnp.ones(3)))
+
+
+@pytest.mark.parametrize(
+    "act, d",
+    [
+        (jnp.tanh, lambda z: 1 - jnp.tanh(z) ** 2),
+        (jax.nn.sigmoid, lambda z: jax.nn.sigmoid(z) * (1 - jax.nn.sigmoid(z))),
+    ],
+)
+def test_one_hidden_layer_matches_interval_formula(act, d, getkey):
+    # J = W2 diag(s'(z)) W1 with z in the exact box of W1 x + b1: the derivative's exact
+    # range times constants, summed, is what IBP must give (the derivative is one node).
+    (w1, b1), (w2, _) = _dense(getkey(), 6, 3, 2.0), _dense(getkey(), 2, 6)
+    fn = lambda x: w2 @ act(w1 @ x + b1)  # noqa: E731
+    box = vf.Box.from_eps(jnp.array([0.3, -0.2, 0.5]), 0.4)
+    zc, zr = w1 @ box.center + b1, jnp.abs(w1) @ box.radius
+    zl, zu = zc - zr, zc + zr
+    dmax = jnp.where((zl < 0) & (zu > 0), d(0.0), jnp.maximum(d(zl), d(zu)))
+    dmin = jnp.minimum(d(zl), d(zu))
+    prod = w2[:, :, None] * w1[None]  # [out, hidden, in]
+    lo = jnp.sum(jnp.minimum(prod * dmin[:, None], prod * dmax[:, None]), axis=1)
+    hi = jnp.sum(jnp.maximum(prod * dmin[:, None], prod * dmax[:, None]), axis=1)
+    jb = vf.jacobian_bounds(fn, box, method="ibp")
+    np.testing.assert_allclose(jb.lower, lo, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(jb.upper, hi, rtol=1e-12, atol=1e-12)

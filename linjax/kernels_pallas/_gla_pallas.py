@@ -10,8 +10,8 @@ log-gates ``b`` are computed in XLA beforehand, because Mosaic TPU cannot lower
 * inter: ``(q_I * exp(b_I)) @ S``;
 * off-diagonal ``J < I``: ``(q_I * exp(b_I - b_n)) @ (k_J * exp(b_n - b_J))^T @ v_J`` with
   ``b_n`` the first row of ``I`` (both factors ``<= 1``);
-* diagonal: ``[c, c, K]`` elementwise in float32, mask applied to the exponent before
-  ``exp``;
+* diagonal: ``[c, c, 32]`` elementwise products in float32 over key-column tiles (mask
+  applied to the exponent before ``exp``), summed;
 * state: ``S^T <- S^T * exp(b_last) + v^T @ (k * exp(b_last - b))``.
 
 All loads are ``(rows, full dim)`` tiles at dynamic row offsets, rows a multiple of 8 and
@@ -45,6 +45,8 @@ class _Config:
     sub: int
     num_chunks: int
     value_tile: int
+    key_dim: int
+    key_tile: int
 
 
 def _precision(dtype) -> lax.Precision:
@@ -68,15 +70,25 @@ def _fwd_kernel(q_ref, k_ref, b_ref, v_ref, h0_ref, o_ref, ht_ref, *, cfg: _Conf
     def rows(ref, start, size):
         return ref[pl.ds(start, size), :].astype(acc)
 
+    def diagonal_block(start):
+        # A_ij = sum_k q_ik k_jk exp(b_ik - b_jk), j <= i, as [c, c, key_tile] elementwise
+        # products summed over static key-column tiles: a whole [16, 16, 128] float32
+        # product does not fit in an H100's shared memory next to the state.
+        a = jnp.zeros((c, c), acc)
+        for col in range(0, cfg.key_dim, cfg.key_tile):
+            cols = pl.ds(col, cfg.key_tile)
+            q_t, k_t, b_t = (r[pl.ds(start, c), cols].astype(acc) for r in (q_ref, k_ref, b_ref))
+            diff = jnp.where(tri, b_t[:, None, :] - b_t[None, :, :], -jnp.inf)
+            a = a + jnp.sum(q_t[:, None, :] * k_t[None, :, :] * jnp.exp(diff), axis=-1)
+        return a
+
     def chunk(n, state_t):
         base = pl.multiple_of(n * big_c, big_c)
         for i in range(big_c // c):  # static loop over query sub-chunks
             start = base + i * c
-            q_i, k_i, b_i, v_i = (rows(r, start, c) for r in (q_ref, k_ref, b_ref, v_ref))
+            q_i, b_i, v_i = (rows(r, start, c) for r in (q_ref, b_ref, v_ref))
             o_i = _dot(q_i * jnp.exp(b_i), state_t, trans_b=True)
-            diff = jnp.where(tri, b_i[:, None, :] - b_i[None, :, :], -jnp.inf)
-            a = jnp.sum(q_i[:, None, :] * k_i[None, :, :] * jnp.exp(diff), axis=-1)
-            o_i = o_i + _dot(a, v_i)
+            o_i = o_i + _dot(diagonal_block(start), v_i)
             b_n = rows(b_ref, start, 1)  # first row of the sub-chunk (Triton cannot slice values)
             q_t = q_i * jnp.exp(b_i - b_n)
             for j in range(i):  # earlier sub-chunks of the same chunk
@@ -92,6 +104,9 @@ def _fwd_kernel(q_ref, k_ref, b_ref, v_ref, h0_ref, o_ref, ht_ref, *, cfg: _Conf
     n_chunks = jnp.int32(cfg.num_chunks)
     state_t = lax.fori_loop(jnp.int32(0), n_chunks, chunk, h0_ref[...].astype(acc))
     ht_ref[...] = state_t.astype(ht_ref.dtype)
+
+
+DIAGONAL_KEY_TILE = 32  # key columns per elementwise [c, c, tile] product
 
 
 def _value_tile(dv: int) -> int:
@@ -150,6 +165,8 @@ def _kernel_forward(q, k, v, log_gates, initial_state, *, scale: float, chunk_si
         sub=sub_chunk_size(chunk_size),
         num_chunks=n,
         value_tile=_value_tile(dv_p),
+        key_dim=dk_p,
+        key_tile=min(dk_p, DIAGONAL_KEY_TILE),
     )
     o, ht = _forward(cfg, layout(q, dk_p), layout(k, dk_p), b, layout(v, dv_p), h0t)
     o = jnp.swapaxes(o.reshape(bsz, h, tp, dv_p), 1, 2)[:, :t, :, :dv]

@@ -69,6 +69,21 @@ def test_matches_naive_scan_forward_and_vjp(impl, dtype, getkey):
         assert rel_rms(g, g_ref) <= grad_tol, name
 
 
+def test_pallas_head_dims_wider_than_the_diagonal_key_tile(getkey):
+    """K = 40 pads to 64: the kernel's diagonal blocks are summed over two key-column tiles."""
+    b, t, h, dk, dv = 1, 20, 1, 40, 24
+    kq, kk, kv, kg, ks = jr.split(getkey(), 5)
+    q, k = jr.normal(kq, (b, t, h, dk)), jr.normal(kk, (b, t, h, dk))
+    v = jr.normal(kv, (b, t, h, dv))
+    g = jax.nn.log_sigmoid(2.0 * jr.normal(kg, (b, t, h, dk)))
+    h0 = jr.normal(ks, (b, h, dk, dv))
+    args = tuple(x.astype(jnp.float32) for x in (q, k, v, g, h0))
+    o, state = jax.jit(gla("pallas", chunk_size=16))(*args)
+    o_ref, state_ref = gla("reference")(q, k, v, g, h0)
+    assert rel_rms(o, o_ref) <= TOL[jnp.float32][0]
+    assert rel_rms(state, state_ref) <= TOL[jnp.float32][0]
+
+
 @pytest.mark.parametrize("gate", [0.0, -20.0])
 @pytest.mark.parametrize("impl", ["xla", pytest.param("pallas", marks=pytest.mark.slow)])
 def test_extreme_gates_are_finite_and_accurate(impl, gate, getkey):

@@ -23,6 +23,8 @@ from linjax.verify._games import game_constants as game_constants
 from linjax.verify._games import sampled_game_constants as sampled_game_constants
 from linjax.verify._ibp import ibp as ibp
 from linjax.verify._jacobian import jacobian_bounds as jacobian_bounds
+from linjax.verify._lipschitz import local_lipschitz as local_lipschitz
+from linjax.verify._lipschitz import naive_lipschitz as naive_lipschitz
 from linjax.verify._mirror import EntropicGame as EntropicGame
 from linjax.verify._mirror import entropic_matrix_game as entropic_matrix_game
 from linjax.verify._rules import LinearRelaxation as LinearRelaxation

@@ -123,9 +123,9 @@ def branch_and_bound(
       with the slopes (β-CROWN, Wang et al. 2021), so the bound of a fully split
       domain can reach its exact linear-programming value; with ``"crown"`` and
       ``"ibp"`` only the clamps act and ReLU splitting converges poorly (prefer input
-      splitting there). A sub-domain
-      whose clamped intervals become empty (lower > upper beyond rounding) is closed.
-      Falls back to an input split when no unstable neuron is left.
+      splitting there). A sub-domain whose clamped intervals become empty (lower >
+      upper beyond rounding) is closed. Falls back to an input split when no unstable
+      neuron is left.
     * ``split="auto"``: input splitting if the input has at most ``AUTO_INPUT_DIM`` (8)
       coordinates or ``fn`` has no ReLU-like node, ReLU splitting otherwise.
 

@@ -15,6 +15,7 @@ from linjax.verify._bab import BaBResult as BaBResult
 from linjax.verify._bab import branch_and_bound as branch_and_bound
 from linjax.verify._box import Box as Box
 from linjax.verify._box import LinearBounds as LinearBounds
+from linjax.verify._certified import certified_loss as certified_loss
 from linjax.verify._crown import crown as crown
 from linjax.verify._crown import linear_bounds as linear_bounds
 from linjax.verify._game_flow import game_flow as game_flow

@@ -50,7 +50,7 @@ def test_setup_is_beyond_crown_and_alpha_crown(net):
     fn, _, true_min_lower, _ = net
     assert true_min_lower > THRESHOLD + 0.04
     assert float(vf.crown(fn, BOX).lower[0]) < THRESHOLD - 0.1
-    assert float(vf.alpha_crown(fn, BOX, steps=40).lower[0]) < THRESHOLD - 0.05
+    assert float(vf.alpha_crown(fn, BOX, steps=20).lower[0]) < THRESHOLD - 0.05
 
 
 @pytest.mark.parametrize(
@@ -66,6 +66,29 @@ def test_proves_true_property(net, method, split):
     assert 1 < res.num_domains <= 500
     # The margin bound is positive and below the true margin (sound).
     assert 0 < res.lower_bound <= grid_min - THRESHOLD
+
+
+@pytest.mark.slow
+def test_relu_split_on_shifted_max_and_leaky_relu():
+    """Kinks away from 0 (max(z, 0.3)) and leaky ReLU: split at the pivot, still sound."""
+    k = jax.random.split(jax.random.key(11), 5)
+    w1, b1 = jax.random.normal(k[0], (8, 2)), 0.5 * jax.random.normal(k[1], (8,))
+    w2, b2 = jax.random.normal(k[2], (8, 8)) / np.sqrt(8), 0.5 * jax.random.normal(k[3], (8,))
+    w3 = jax.random.normal(k[4], (1, 8)) / np.sqrt(8)
+
+    def fn(x):
+        h = jnp.maximum(w1 @ x + b1, 0.3)
+        return w3 @ jax.nn.leaky_relu(w2 @ h + b2, 0.1)
+
+    g = jnp.linspace(-1.0, 1.0, 401)
+    grid_min = float(jax.vmap(fn)(jnp.stack(jnp.meshgrid(g, g), -1).reshape(-1, 2)).min())
+    alpha = float(vf.alpha_crown(fn, BOX, steps=20).lower[0])
+    threshold = alpha + 0.7 * (grid_min - alpha)  # grid_min - alpha ~ 0.19
+    res = vf.branch_and_bound(
+        fn, BOX, SPEC, threshold=threshold, split="relu", steps=10, max_domains=400
+    )
+    assert res.status == "verified"
+    assert 0 < res.lower_bound <= grid_min - threshold
 
 
 def test_ibp_input_split_also_completes(net):

@@ -125,6 +125,18 @@ def _check_region(region: Any) -> Box:
     return region
 
 
+def _check_pseudo_grad(pseudo_grad: Any, region: Box) -> None:
+    if not callable(pseudo_grad):
+        raise TypeError(f"pseudo_grad must be callable [d] -> [d], got {type(pseudo_grad)}")
+    like = jax.ShapeDtypeStruct(region.lower.shape, region.lower.dtype)
+    out = jax.eval_shape(pseudo_grad, like)
+    if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != like.shape:
+        raise ValueError(
+            f"pseudo_grad must map the joint strategy [d] = {like.shape} to an array of the "
+            f"same shape, got {out}"
+        )
+
+
 def _sub_boxes(region: Box, splits: Any) -> Box:
     """The grid of ``prod(splits)`` sub-boxes of ``region`` (stacked on a leading axis)."""
     d = region.lower.shape[0]
@@ -206,6 +218,7 @@ def game_constants(
     region = _check_region(region)
     d = region.lower.shape[0]
     idx = check_blocks(blocks, d)
+    _check_pseudo_grad(pseudo_grad, region)
     if jacobian is None:
         pieces = _sub_boxes(region, splits)
         if pieces.lower.shape[0] == 1:
@@ -257,6 +270,7 @@ def sampled_game_constants(
     region = _check_region(region)
     d = region.lower.shape[0]
     idx = check_blocks(blocks, d)
+    _check_pseudo_grad(pseudo_grad, region)
     if (
         isinstance(num_samples, bool)
         or not isinstance(num_samples, numbers.Integral)

@@ -97,10 +97,10 @@ def entropic_matrix_game(cost1: Any, cost2: Any, *, temperature: Any) -> Entropi
 
     * the regularised game has exactly one equilibrium (QRE) in the region $R$, and $R$
       contains every QRE, so it is the unique one;
-    * natural-gradient / mirror-descent *flow* in centred logits, started in $R$, converges
-      to it at rate $\alpha^*$ in $\|\cdot\|_{M(w)}$ (Euclidean on centred logits, block
-      weights $w$); since the box attracts every trajectory (each coordinate outside it
-      decays at rate $\tau_i$), every trajectory converges;
+    * natural-gradient / mirror-descent *flow* in centred logits, started in $R$, stays in
+      $R$ and converges to the QRE at rate $\alpha^*$ in $\|\cdot\|_{M(w)}$ (Euclidean on
+      centred logits, block weights $w$). Started outside $R$, each coordinate's distance
+      to $R$ decays at rate $\tau_i$, but no rate is claimed there;
     * entropic mirror descent $\theta_i \leftarrow \theta_i - h\nabla_{\pi_i} f_i$ with
       $h < 2\alpha^*/\beta^2$ and $h \le 1/\max_i\tau_i$ (so that $R$ stays invariant), or
       with any $h < 2\alpha^*/\beta^2$ when the iterate is clipped to $R$, contracts at the

@@ -168,7 +168,7 @@ def test_random_games_true_margin_dominates_and_euler_contracts():
 
 def test_n_player_optimum_matches_grid_and_perron_root():
     rng = np.random.default_rng(3)
-    grid = np.linspace(-7, 7, 281)
+    grid = np.linspace(-7, 7, 141)
     t1, t2 = np.meshgrid(grid, grid, indexing="ij")
     ws = np.stack([np.ones(t1.size), np.exp(t1.ravel()), np.exp(t2.ravel())], 1)
     for _ in range(3):
@@ -180,7 +180,7 @@ def test_n_player_optimum_matches_grid_and_perron_root():
         cert = vf.sgn_certificate(mu, lip)
         margin = float(cert.margin)
         assert margin >= float(jnp.max(brute)) - 1e-12
-        assert margin == pytest.approx(float(jnp.max(brute)), abs=1e-3)
+        assert margin == pytest.approx(float(jnp.max(brute)), abs=5e-3)
         np.testing.assert_allclose(np.log(cert.weights), np.log(best), atol=0.1)
         ev = np.linalg.eigvals(np.diag(mu) - lip)
         tau = ev[np.abs(ev.imag) < 1e-9].real.min()  # smallest real eigenvalue of D - L
@@ -391,6 +391,10 @@ def test_bad_input_errors():
         vf.game_constants(tanh_game, region, [[0, 1, 2], [2]])
     with pytest.raises(ValueError, match="out of range"):
         vf.game_constants(tanh_game, region, [[0, 1], [2, 3, 4]])
+    with pytest.raises(ValueError, match="same shape"):
+        vf.game_constants(lambda x: x[:3], region, (2, 2))
+    with pytest.raises(ValueError, match="splits"):
+        vf.game_constants(tanh_game, region, (2, 2), splits=0)
     with pytest.raises(TypeError, match="blocks"):
         vf.game_constants(tanh_game, region, "ab")
     with pytest.raises(ValueError, match="method"):

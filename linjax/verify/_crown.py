@@ -6,7 +6,8 @@ The engine has two sweeps over the flat graph of ``_graph.trace``:
    ``intermediate="crown"``, every variable that enters a nonlinear node (a
    "pre-activation") is then bounded by a backward pass started at that variable with the
    identity specification, as auto_LiRPA does, and the interval is intersected with the
-   IBP one (both are sound). Each node is then *linearized* once (``_linearize``) from the
+   IBP one (both are sound); variables whose IBP interval is already exact
+   (:func:`ibp_exact`, e.g. a first layer ``W x + b``) skip that pass. Each node is then *linearized* once (``_linearize``) from the
    final bounds of its arguments: exactly for affine nodes (through their VJP), by a
    linear relaxation for nonlinear ones, or by its output interval as a last resort.
 2. **Backward.** From coefficients $\Lambda$ ``[S, *shape]`` on a target variable, nodes
@@ -171,6 +172,47 @@ def _crown_interval(prop: Propagation, box: Box, var: int, alphas: Mapping | Non
     return Box(low, high)
 
 
+# Ops whose every output element is an affine function of at most one element of their one
+# bounded argument (the others constant); "injective" ones also never repeat an element.
+_ONE_TO_ONE = {"reshape", "transpose", "squeeze", "slice", "rev", "pad", "neg", "copy",
+               "convert_element_type", "add", "sub", "mul", "div"}  # fmt: skip
+_SPREADING = {"broadcast_in_dim"}
+_MIXING = {"dot_general", "conv_general_dilated", "reduce_sum"}
+
+
+def ibp_exact(graph: _graph.Graph) -> set[int]:
+    """Variables whose IBP interval is their exact range, so CROWN cannot tighten it.
+
+    The input's coordinates vary independently. Affine ops that map each element to one
+    element (reshapes, slices, scaling and shifting by constants) keep them independent;
+    one mixing affine op (``dot_general``, ``conv``, ``reduce_sum``) on independent
+    coordinates gives each output element its exact range in centre/radius form, and
+    elementwise affine ops (with broadcasting) keep every element's range exact. A first
+    layer ``W x + b``, dense or convolutional, is such a variable.
+    """
+    avals = graph.avals
+    indep, exact = {0}, {0}
+    for node in graph.nodes:
+        bounded = [r for r in node.inputs if _graph.is_bounded(r)]
+        if len(bounded) != 1 or len(node.outputs) != 1 or not _is_linear(node, avals):
+            continue
+        (src,), (out,) = bounded, node.outputs
+        name = node.primitive.name
+        if name in ("add", "sub", "mul", "div") and avals[out].shape != avals[src].shape:
+            one_to_one = False  # the bounded argument is broadcast
+        elif name == "broadcast_in_dim":  # one-to-one when it only adds unit axes
+            one_to_one = np.prod(avals[out].shape) == np.prod(avals[src].shape)
+        else:
+            one_to_one = name in _ONE_TO_ONE
+        if src in indep and one_to_one:
+            indep.add(out)
+        if src in exact and (one_to_one or name in _SPREADING):
+            exact.add(out)
+        elif src in indep and name in _MIXING:
+            exact.add(out)
+    return exact
+
+
 def propagate(
     graph: _graph.Graph,
     box: Box,
@@ -196,6 +238,7 @@ def propagate(
                     for r in node.inputs
                     if _graph.is_bounded(r) and r != 0 and _is_float(avals[r])
                 )
+        needs -= ibp_exact(graph)
     bounds: dict[int, Box] = {0: box}
     lins: list[Any] = []
     producer: dict[int, int] = {}

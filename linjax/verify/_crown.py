@@ -7,9 +7,10 @@ The engine has two sweeps over the flat graph of ``_graph.trace``:
    "pre-activation") is then bounded by a backward pass started at that variable with the
    identity specification, as auto_LiRPA does, and the interval is intersected with the
    IBP one (both are sound); variables whose IBP interval is already exact
-   (:func:`ibp_exact`, e.g. a first layer ``W x + b``) skip that pass. Each node is then *linearized* once (``_linearize``) from the
-   final bounds of its arguments: exactly for affine nodes (through their VJP), by a
-   linear relaxation for nonlinear ones, or by its output interval as a last resort.
+   (:func:`ibp_exact`, e.g. a first layer ``W x + b``) skip that pass. Each node is then
+   *linearized* once (``_linearize``) from the final bounds of its arguments: exactly for
+   affine nodes (through their VJP), by a linear relaxation for nonlinear ones, or by its
+   output interval as a last resort.
 2. **Backward.** From coefficients $\Lambda$ ``[S, *shape]`` on a target variable, nodes
    are visited in reverse topological order; each turns the $\Lambda$ of its outputs into
    $\Lambda$ for its arguments plus a bias. Contributions to a variable used several

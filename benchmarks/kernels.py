@@ -1,19 +1,24 @@
 """CPU timings of the attention kernels (impl="auto") against dense and sequential baselines.
 
 Targets (issue 7): local_attention at ``T = 16384``, window 256, at least 10x faster than
-dense masked attention; gated_linear_attention at ``T = 16384`` at least 5x faster than the
-naive per-token scan, and ``time(4T) / time(T) <= 4.5`` (linear in ``T``). Everything is
-jitted and timed as the median of ``--repeats`` runs after a warm-up call, with
-``block_until_ready``; the runs of all cases are interleaved round by round so that
-background load affects them alike. Baselines are measured in the same run:
+dense masked attention; local_attention_2d on a 64 x 64 grid (4096 tokens), radius 8, at
+least 5x faster than dense attention with the same mask; gated_linear_attention at
+``T = 16384`` at least 5x faster than the naive per-token scan, and
+``time(4T) / time(T) <= 4.5`` (linear in ``T``). Everything is jitted and timed as the
+median of ``--repeats`` runs after a warm-up call, with ``block_until_ready``; the runs of
+all cases are interleaved round by round so that background load affects them alike.
+Baselines are measured in the same run:
 
 * dense masked attention: ``jax.nn.dot_product_attention(..., is_causal=True,
-  local_window_size=(window - 1, 0))`` (XLA, builds the ``[T, T]`` logits);
+  local_window_size=(window - 1, 0))`` (XLA, builds the ``[T, T]`` logits); for the 2-D
+  window ``jax.nn.dot_product_attention(..., mask=<[T, T] disc mask>)``, the mask built
+  once outside the timed call;
 * naive scan: :func:`linjax.kernels_pallas.gated_linear_attention_reference`, one
   ``lax.scan`` step per token. GLA is timed forward-only and forward + backward (the
   gradient of the sum of the outputs and of the final state).
 
-Run: ``python benchmarks/kernels.py [--seq-len 16384] [--repeats 5]``.
+Run: ``python benchmarks/kernels.py [--seq-len 16384] [--repeats 5] [--grid 64 --radius 8]
+[--only local_attention_2d]``.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from linjax import kernels_pallas as kp
+from linjax.kernels_pallas._local_attention_2d import local_attention_2d_mask
 
 
 def _time_interleaved(cases: dict, *, repeats: int) -> dict[str, float]:
@@ -96,11 +102,18 @@ def _gla_scaling_cases(args, key):
 
 
 # --- local_attention_2d (CLEAR) -------------------------------------------------------------
-# Reserved for issue 7 part 2: local_attention_2d against dense attention with the circular
-# mask at 2048^2-like grids (reference/kernels.md §6.2: >= 5x per layer). Add its cases here
-# and to CASE_BUILDERS below.
 def _local_attention_2d_cases(args, key):
-    return []
+    """CLEAR disc window on a ``grid x grid`` image (no prefix) vs dense masked attention."""
+    grid, r = (args.grid, args.grid), args.radius
+    b, t, h, d = args.batch, args.grid * args.grid, args.heads, args.head_dim
+    q, k, v = jax.random.normal(key, (3, b, t, h, d), jnp.float32)
+    mask = jnp.asarray(local_attention_2d_mask(grid, r))[None, None]  # built once, not timed
+    ours = jax.jit(lambda q, k, v: kp.local_attention_2d(q, k, v, grid_shape=grid, radius=r))
+    dense = jax.jit(
+        lambda q, k, v, m: jax.nn.dot_product_attention(q, k, v, mask=m, implementation="xla")
+    )
+    size = f"{grid[0]}x{grid[1]}, r={r}"
+    return [("local_attention_2d fwd", size, (ours, (q, k, v)), (dense, (q, k, v, mask)), 5.0)]
 
 
 CASE_BUILDERS = (
@@ -119,13 +132,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heads", type=int, default=2)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--grid", type=int, default=64, help="local_attention_2d grid side")
+    parser.add_argument("--radius", type=int, default=8, help="local_attention_2d radius")
+    parser.add_argument(
+        "--only", default="", help="run only the case builders whose name contains this"
+    )
     args = parser.parse_args(argv)
     if args.repeats < 3:
         parser.error(f"--repeats={args.repeats} must be >= 3")
 
     rows = []
     for i, build in enumerate(CASE_BUILDERS):
-        rows += build(args, jax.random.key(i))
+        if args.only in build.__name__:
+            rows += build(args, jax.random.key(i))
     cases = {}
     for name, _, ours, base, _ in rows:
         cases[f"{name}: ours"] = ours

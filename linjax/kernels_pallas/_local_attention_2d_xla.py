@@ -1,14 +1,16 @@
-"""Blocked XLA 2-D local attention: query tiles against the key tiles their discs reach.
+"""Blocked XLA 2-D local attention: each query tile against exactly the keys it can reach.
 
-The image tokens are regrouped into tiles (:class:`TileSchedule`). Every query tile is
-scored against one "slab": the key tiles at the schedule's visible offsets ``(Δy, Δx)``,
-cut as shifted slices of the key tile grid padded by the largest offset (so slabs at the
-border hold zero tiles, masked out), plus the ``num_global`` prefix keys. Scores are
-``[image tokens, num_global + offsets * tile]``, never ``[seq, seq]``: memory and FLOPs
-are ``O(T * (num_global + window))`` up to the tile rounding. The disc mask depends only
-on the offset and the in-tile positions (a static ``[tile, slab]`` table) and the
-validity of the key position on the grid. Prefix queries see every key and are computed
-densely (``[num_global, seq]`` scores).
+The image tokens are regrouped into tiles (:class:`TileSchedule`). A query tile is scored
+against its *key region*: the cells (relative to the tile's origin) whose distance to the
+tile rectangle is below the radius (:attr:`TileSchedule.key_region`; for 8 x 8 tiles and
+r = 8, 452 keys instead of the 576 of the 3 x 3 surrounding tiles), gathered from the key
+array with one ``take``, plus the ``num_global`` prefix keys. Scores are
+``[image tokens, num_global + region]``, never ``[seq, seq]``: memory and FLOPs are
+``O(T * (num_global + window))`` up to the tile rounding. The disc mask is a static
+``[tile, region]`` table (it depends only on in-tile positions) combined with whether
+each gathered key lies on the grid. Prefix queries see every key and are computed densely
+(``[num_global, seq]`` scores). Differentiated by autodiff (the gather's transpose is a
+scatter-add).
 """
 
 from __future__ import annotations
@@ -26,31 +28,21 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 HIGHEST = lax.Precision.HIGHEST
 
 
-def slab_mask(sched: TileSchedule) -> jax.Array:
-    """``[tiles_y, tiles_x, block, slab]`` visibility of each query tile's slab keys."""
-    th, tw, bs = sched.tile_h, sched.tile_w, sched.block
-    off = np.asarray(sched.offsets, np.int64).reshape(-1, 2)
-    qr, qc = np.divmod(np.arange(bs), tw)
-    oy, ox = np.repeat(off[:, 0], bs), np.repeat(off[:, 1], bs)
-    kr, kc = np.tile(qr, len(off)), np.tile(qc, len(off))
-    # The displacement between a query and a slab key depends only on offset and in-tile spots.
-    d2 = (qr[:, None] - oy * th - kr) ** 2 + (qc[:, None] - ox * tw - kc) ** 2
-    near = jnp.asarray(d2 <= sched.max_d2)
-    ky = (jnp.arange(sched.tiles_y)[:, None, None] + oy) * th + kr
-    kx = (jnp.arange(sched.tiles_x)[None, :, None] + ox) * tw + kc
+def region_index(sched: TileSchedule) -> tuple[jax.Array, jax.Array]:
+    """Grid index (raster, 0 where off-grid) and on-grid flag ``[tiles_y, tiles_x, region]``."""
+    region = sched.key_region
+    ky = jnp.arange(sched.tiles_y)[:, None, None] * sched.tile_h + region[:, 0]
+    kx = jnp.arange(sched.tiles_x)[None, :, None] * sched.tile_w + region[:, 1]
     on_grid = (ky >= 0) & (ky < sched.height) & (kx >= 0) & (kx < sched.width)
-    return near[None, None] & on_grid[:, :, None, :]
+    return jnp.where(on_grid, ky * sched.width + kx, 0), on_grid
 
 
-def _slab(sched: TileSchedule, tiles: jax.Array) -> jax.Array:
-    """``[b, ty, tx, block, ...]`` -> ``[b, ty, tx, offsets * block, ...]`` shifted tiles."""
-    ry = max(abs(dy) for dy, _ in sched.offsets)
-    rx = max(abs(dx) for _, dx in sched.offsets)
-    pad = [(0, 0), (ry, ry), (rx, rx)] + [(0, 0)] * (tiles.ndim - 3)
-    padded = jnp.pad(tiles, pad)
-    ny, nx = sched.tiles_y, sched.tiles_x
-    parts = [padded[:, ry + dy : ry + dy + ny, rx + dx : rx + dx + nx] for dy, dx in sched.offsets]
-    return jnp.concatenate(parts, axis=3)
+def region_mask(sched: TileSchedule, on_grid: jax.Array) -> jax.Array:
+    """``[tiles_y, tiles_x, block, region]`` visibility of each query tile's region keys."""
+    region = sched.key_region
+    qr, qc = np.divmod(np.arange(sched.block), sched.tile_w)
+    d2 = (qr[:, None] - region[:, 0]) ** 2 + (qc[:, None] - region[:, 1]) ** 2
+    return jnp.asarray(d2 <= sched.max_d2)[None, None] & on_grid[:, :, None, :]
 
 
 def local_attention_2d_xla(
@@ -60,29 +52,36 @@ def local_attention_2d_xla(
     b, t, h, d = q.shape
     hk, dv = k.shape[2], v.shape[-1]
     g, ng = h // hk, sched.num_global
+    n, ny, nx, bs = b * hk, sched.tiles_y, sched.tiles_x, sched.block
     out_dtype, acc = q.dtype, _checks.accum_dtype(q.dtype)
-    q, k, v = (x.astype(acc) for x in (q, k, v))
+    # Heads first, so that every product below is a plain batched matmul; the g query heads
+    # of a key/value head share its keys and are stacked as rows of one tile.
+    q = jnp.moveaxis((q.astype(acc) * scale).reshape(b, t, hk, g, d), 1, 2).reshape(n, t, g, d)
+    k, v = (jnp.swapaxes(x.astype(acc), 1, 2).reshape(n, t, x.shape[-1]) for x in (k, v))
 
-    qt = sched.image_to_tiles(q[:, ng:]).reshape(b, sched.tiles_y, sched.tiles_x, -1, hk, g, d)
-    ks = _slab(sched, sched.image_to_tiles(k[:, ng:]))
-    vs = _slab(sched, sched.image_to_tiles(v[:, ng:]))
-    s = jnp.einsum("byxqhgd,byxkhd->byxhgqk", qt, ks, precision=HIGHEST) * scale
-    s = jnp.where(slab_mask(sched)[None, :, :, None, None], s, MASK_VALUE)
+    qt = jnp.swapaxes(sched.image_to_tiles(q[:, ng:]), 3, 4).reshape(n, ny, nx, g * bs, d)
+    index, on_grid = region_index(sched)
+    ks, vs = (
+        jnp.take(x[:, ng:], index.reshape(-1), axis=1).reshape(n, ny, nx, -1, x.shape[-1])
+        for x in (k, v)
+    )
+    s = jnp.einsum("nyxqd,nyxkd->nyxqk", qt, ks, precision=HIGHEST).reshape(n, ny, nx, g, bs, -1)
+    s = jnp.where(region_mask(sched, on_grid)[None, :, :, None], s, MASK_VALUE)
+    s = s.reshape(n, ny, nx, g * bs, -1)
     if ng:  # every image query also sees the prefix keys
-        s_pre = jnp.einsum("byxqhgd,bkhd->byxhgqk", qt, k[:, :ng], precision=HIGHEST) * scale
+        s_pre = jnp.einsum("nyxqd,nkd->nyxqk", qt, k[:, :ng], precision=HIGHEST)
         s = jnp.concatenate([s_pre, s], axis=-1)
     m = lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
     p = jnp.exp(s - m)
-    o = jnp.einsum("byxhgqk,byxkhe->byxqhge", p[..., ng:], vs, precision=HIGHEST)
+    o = jnp.einsum("nyxqk,nyxke->nyxqe", p[..., ng:], vs, precision=HIGHEST)
     if ng:
-        o = o + jnp.einsum("byxhgqk,bkhe->byxqhge", p[..., :ng], v[:, :ng], precision=HIGHEST)
-    o = o / jnp.moveaxis(jnp.sum(p, axis=-1), -1, 3)[..., None]
-    o = sched.image_from_tiles(o.reshape(*o.shape[:4], h, dv))
+        o = o + jnp.einsum("nyxqk,nke->nyxqe", p[..., :ng], v[:, :ng], precision=HIGHEST)
+    o = o / jnp.sum(p, axis=-1, keepdims=True)
+    o = sched.image_from_tiles(jnp.swapaxes(o.reshape(n, ny, nx, g, bs, dv), 3, 4))
 
     if ng:  # prefix queries: dense over all keys
-        qg = q[:, :ng].reshape(b, ng, hk, g, d)
-        s = jnp.einsum("bthgd,bshd->bhgts", qg, k, precision=HIGHEST) * scale
-        p = jax.nn.softmax(s, axis=-1)
-        og = jnp.einsum("bhgts,bshe->bthge", p, v, precision=HIGHEST).reshape(b, ng, h, dv)
+        s = jnp.einsum("ntgd,nsd->ngts", q[:, :ng], k, precision=HIGHEST)
+        og = jnp.einsum("ngts,nse->ntge", jax.nn.softmax(s, axis=-1), v, precision=HIGHEST)
         o = jnp.concatenate([og, o], axis=1)
+    o = jnp.moveaxis(o.reshape(b, hk, t, g, dv), 1, 2).reshape(b, t, h, dv)
     return o.astype(out_dtype)

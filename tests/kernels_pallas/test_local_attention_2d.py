@@ -144,22 +144,42 @@ def test_schedule_visits_every_tile_pair_with_a_visible_entry(grid):
         missing = np.argwhere(needed & ~visited)
         assert missing.size == 0, (grid, radius, g, tile, missing[:5])
         np.testing.assert_array_equal(visited, visited.T)  # the backward reuses the ranges
-        # Image tile pairs are visited only if the (unclipped) tiles can hold a visible pair.
+        # Tight: on the grid padded to whole tiles, a tile pair is visited iff it holds a
+        # visible pair (the schedule is the same; only the padding cells become real).
+        th, tw = tile
+        padded = TileSchedule(sched.tiles_y * th, sched.tiles_x * tw, g, sched.max_d2, th, tw)
         gb = sched.global_blocks
-        extra = visited[gb:, gb:] & ~needed[gb:, gb:]
-        assert extra.sum() <= 2 * sched.num_tiles * len(sched.row_reach), (grid, radius, tile)
-        # The XLA path's slab offsets cover every visible image tile pair.
-        ty, tx = np.divmod(np.argwhere(needed[gb:, gb:]), sched.tiles_x)
-        deltas = set(
-            zip((ty[:, 1] - ty[:, 0]).tolist(), (tx[:, 1] - tx[:, 0]).tolist(), strict=True)
+        np.testing.assert_array_equal(
+            padded.visited(), visited, err_msg=str((grid, radius, g, tile))
         )
-        assert deltas <= set(sched.offsets), (grid, radius, tile)
+        np.testing.assert_array_equal(
+            _block_visibility(padded, radius)[gb:, gb:], visited[gb:, gb:]
+        )
     # The traced ranges (as the kernels compute them from the program id) equal the host ones.
     sched = TileSchedule(*grid, 7, max_visible_d2(5), 2, 4)
     for n in range(sched.num_blocks):
         traced = [(int(lo), int(hi)) for lo, hi in n_ranges(sched, jnp.int32(n))]
         host = [(lo, hi if hi > lo else lo) for lo, hi in sched.kv_ranges(n)]
         assert [(lo, hi) for lo, hi in traced if hi > lo] == [(a, b) for a, b in host if b > a]
+
+
+@pytest.mark.parametrize("grid, tile", [((7, 5), (4, 8)), ((9, 13), (8, 8)), ((16, 24), (2, 16))])
+def test_xla_key_region_is_exact(grid, tile):
+    """The XLA path scores a query tile against ``key_region``: it must hold every key that a
+    query of the tile sees, and nothing that no query of the tile (on an unbounded grid)
+    sees."""
+    h, w = grid
+    for radius in (1, 2.5, 5, 8):
+        sched = TileSchedule(h, w, 0, max_visible_d2(radius), *tile)
+        region = {tuple(c) for c in sched.key_region.tolist()}
+        mask = local_attention_2d_mask(grid, radius)
+        qy, qx = np.divmod(np.arange(h * w), w)
+        for i, j in zip(*np.nonzero(mask), strict=True):
+            oy, ox = qy[i] // tile[0] * tile[0], qx[i] // tile[1] * tile[1]
+            assert (qy[j] - oy, qx[j] - ox) in region, (grid, radius, i, j)
+        ty, tx = np.divmod(np.arange(sched.block), tile[1])
+        for ry, rx in region:
+            assert ((ty - ry) ** 2 + (tx - rx) ** 2 < radius**2).any(), (ry, rx)
 
 
 def test_tiled_order_round_trip_and_layout():

@@ -2,6 +2,8 @@ r"""Complete verification of linear output properties by branch and bound (BaB).
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -16,7 +18,7 @@ from linjax.verify._attack import _check_int, pgd, starts
 from linjax.verify._bab_bound import find_sites, make_bounder
 from linjax.verify._box import Box, check_box
 from linjax.verify._crown import _INTERMEDIATE, propagate
-from linjax.verify._property import check_property, margin_fn
+from linjax.verify._property import check_property, margin_of
 
 METHODS = ("alpha-crown", "crown", "ibp")
 SPLITS = ("auto", "input", "relu")
@@ -204,8 +206,14 @@ def branch_and_bound(
     key = jax.random.key(0) if key is None else key
     like = jax.ShapeDtypeStruct(box.lower.shape, box.lower.dtype)
     prop = check_property(fn, like, spec, threshold, groups)
-    margin = jax.jit(margin_fn(fn, prop))
+    pargs = (prop.spec, prop.threshold, prop.mask)
     lower0, upper0 = np.asarray(box.lower), np.asarray(box.upper)
+    fkey = _fingerprint(fn, like)
+
+    def margin(x):
+        return _cached(("margin", fkey), lambda: jax.jit(lambda x, *p: margin_of(fn, x, *p)))(
+            x, *pargs
+        )
 
     def confirm(x) -> jax.Array | None:
         x = jnp.clip(jnp.asarray(x, box.lower.dtype), box.lower, box.upper)
@@ -222,16 +230,12 @@ def branch_and_bound(
     sites = find_sites(graph, root)
     if split == "auto":
         split = "input" if (box.lower.size <= AUTO_INPUT_DIM or not sites) else "relu"
-    bound = make_bounder(
-        fn,
-        like,
-        prop,
-        sites if split == "relu" else [],
-        method=method,
-        intermediate=intermediate,
-        steps=steps,
-        lr=lr,
-        attack_steps=attack_steps,
+    config = dict(
+        method=method, intermediate=intermediate, steps=steps, lr=lr, attack_steps=attack_steps
+    )
+    bound = _cached(
+        ("bound", fkey, prop.out_shape, split, tuple(config.items())),
+        lambda: make_bounder(fn, like, prop.out_shape, sites if split == "relu" else [], **config),
     )
     split_vars = sorted({s.var for s in sites}) if split == "relu" else []
     pivots = {r: np.asarray(s.px) for s in sites for r in [s.var]}
@@ -242,7 +246,7 @@ def branch_and_bound(
         n = len(doms["lower"])
         pad = np.concatenate([np.arange(n), np.zeros(batch_size - n, int)])
         args = jax.tree.map(lambda a: a[pad], (doms["lower"], doms["upper"], doms["clamps"]))
-        out = jax.tree.map(lambda a: np.asarray(a)[:n], bound(*args))
+        out = jax.tree.map(lambda a: np.asarray(a)[:n], bound(*args, *pargs))
         return {
             **doms,
             "lb": out.lower,
@@ -261,16 +265,11 @@ def branch_and_bound(
     # Attack first: the root bound's candidates, then PGD with restarts.
     cex = confirm(doms["x_adv"][0]) if doms["m_adv"][0] <= 0 else None
     if cex is None and doms["lb"][0] <= 0:
-        mg = margin_fn(fn, prop)
-        xs, ms = jax.jit(
-            lambda k: pgd(
-                mg,
-                box,
-                starts(k, box, attack_restarts),
-                5 * attack_steps,
-                4 * (box.upper - box.lower) / (5 * attack_steps),
-            )
-        )(key)
+        attack = _cached(
+            ("attack", fkey, attack_restarts, attack_steps),
+            lambda: _root_attack(fn, attack_restarts, 5 * attack_steps),
+        )
+        xs, ms = attack(key, box, *pargs)
         ms = np.where(np.isnan(np.asarray(ms)), np.inf, np.asarray(ms))
         i = int(np.argmin(ms))
         cex = confirm(xs[i]) if ms[i] <= 0 else None
@@ -311,6 +310,71 @@ def branch_and_bound(
     if len(pool) or stuck:
         return BaBResult("unknown", low, None, num)
     return BaBResult("verified", low, None, num)
+
+
+#: Compiled bounding / attack functions of recent calls, so that verifying many boxes
+#: or properties of one network (a verified-accuracy table) compiles once.
+_CACHE: collections.OrderedDict = collections.OrderedDict()
+_CACHE_SIZE = 16
+
+
+class _ById:
+    """Hashes and compares by identity; holds the object so its ``id`` is not reused."""
+
+    def __init__(self, obj: Any):
+        self.obj = obj
+
+    def __hash__(self) -> int:
+        return id(self.obj)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _ById) and other.obj is self.obj
+
+
+def _fingerprint(fn: Callable, like: jax.ShapeDtypeStruct) -> tuple:
+    """What ``fn`` computes at inputs like ``like``: its jaxpr text and its constants.
+
+    JAX arrays are immutable, so they are identified by ``id`` (and kept alive by the
+    key); other constants (numpy arrays, which can be mutated in place) by a hash of
+    their bytes. Two functions with equal fingerprints compute the same thing, so a
+    cache keyed by it can never return bounds of a stale network.
+    """
+    closed = jax.make_jaxpr(fn)(like)
+    parts = []
+    for c in closed.consts:
+        if isinstance(c, jax.Array) and not isinstance(c, np.ndarray):
+            parts.append(_ById(c))
+        else:
+            a = np.asarray(c)
+            digest = hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+            parts.append(("numpy", a.shape, a.dtype.str, digest))
+    return (str(closed.jaxpr), like.shape, str(like.dtype), tuple(parts))
+
+
+def _cached(key: tuple, build: Callable) -> Callable:
+    try:
+        hash(key)
+    except TypeError:
+        return build()
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    value = _CACHE[key] = build()
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return value
+
+
+def _root_attack(fn: Callable, restarts: int, steps: int) -> Callable:
+    @jax.jit
+    def attack(key, box, spec, threshold, mask):
+        def margin(x):
+            return margin_of(fn, x, spec, threshold, mask)
+
+        step = 4 * (box.upper - box.lower) / steps
+        return pgd(margin, box, starts(key, box, restarts), steps, step)
+
+    return attack
 
 
 def _split(

@@ -23,7 +23,7 @@ from linjax.verify._alpha_crown import _optimise, _sites
 from linjax.verify._attack import pgd
 from linjax.verify._box import Box
 from linjax.verify._crown import concretize, propagate
-from linjax.verify._property import Property, margin_fn, reduce_rows
+from linjax.verify._property import margin_of, reduce_rows
 
 
 class Site(NamedTuple):
@@ -169,7 +169,7 @@ def _pivot_gap(lin, lam: jax.Array, px: jax.Array) -> jax.Array:
 def make_bounder(
     fn: Callable,
     like: jax.ShapeDtypeStruct,
-    prop: Property,
+    out_shape: tuple,
     sites: list[Site],
     *,
     method: str,
@@ -178,14 +178,20 @@ def make_bounder(
     lr: float,
     attack_steps: int,
 ) -> Callable:
-    """``jit(vmap(one))`` with ``one(lower, upper, clamps) -> Bounded``."""
-    margin = margin_fn(fn, prop)
+    """``jit(vmap(one))`` with ``one(lower, upper, clamps, spec, threshold, mask) -> Bounded``.
+
+    The property (``spec`` ``[S, n_out]``, ``threshold`` ``[S]``, ``mask`` ``[G, S]``) is
+    an argument shared by the batch, so one compilation serves every property of a shape.
+    """
     site_nodes = {s.node for s in sites}
     split_vars = sorted({s.var for s in sites})
-    spec = prop.spec
 
-    def one(lower, upper, clamps):
+    def one(lower, upper, clamps, spec, threshold, mask):
         box = Box(lower, upper)
+
+        def margin(x):
+            return margin_of(fn, x, spec, threshold, mask)
+
         splits = {r: clamps[r] for r in split_vars} or None
         with jax.default_matmul_precision("highest"):
             graph = _graph.trace(fn, like)
@@ -197,7 +203,7 @@ def make_bounder(
             for b in p.bounds.values():
                 slack = tol * (1 + jnp.abs(b.lower) + jnp.abs(b.upper))
                 empty = empty | jnp.any(b.lower > b.upper + slack)
-            lam0 = spec.reshape((spec.shape[0],) + prop.out_shape)
+            lam0 = spec.reshape((spec.shape[0],) + out_shape)
             lam_x, bias, seen = _backward_record(p, graph.output, lam0, site_nodes)
             lb = concretize(lam_x, bias, box)
             if method == "ibp":
@@ -214,13 +220,13 @@ def make_bounder(
                     fn, box, spec, lr, steps=steps, intermediate=intermediate, splits=splits
                 )
                 lb = jnp.maximum(lb, opt.lower)
-        v = lb - prop.threshold
+        v = lb - threshold
         v = jnp.where(jnp.isnan(v), -jnp.inf, v)
-        low = jnp.where(empty, jnp.inf, reduce_rows(v, prop.mask))
+        low = jnp.where(empty, jnp.inf, reduce_rows(v, mask))
         # Critical row: the best row of the worst group (the one to improve).
-        per_group = jnp.max(jnp.where(prop.mask, v[None], -jnp.inf), axis=1)
+        per_group = jnp.max(jnp.where(mask, v[None], -jnp.inf), axis=1)
         g = jnp.argmin(per_group)
-        k = jnp.argmax(jnp.where(prop.mask[g], v, -jnp.inf))
+        k = jnp.argmax(jnp.where(mask[g], v, -jnp.inf))
         lam_k = lam_x[k]
         input_score = jnp.abs(lam_k) * (upper - lower)
         relu_score = {r: jnp.full(like_shape(graph, r), -jnp.inf, lower.dtype) for r in split_vars}
@@ -242,7 +248,7 @@ def make_bounder(
         i = jnp.argmin(ms)
         return Bounded(low, input_score, relu_score, xs[i], ms[i])
 
-    return jax.jit(jax.vmap(one))
+    return jax.jit(jax.vmap(one, in_axes=(0, 0, 0, None, None, None)))
 
 
 def like_shape(graph: _graph.Graph, var: int) -> tuple[int, ...]:

@@ -90,11 +90,12 @@ def reduce_rows(values: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.min(jnp.max(v, axis=-1), axis=-1)
 
 
+def margin_of(fn: Callable, x: jax.Array, spec, threshold, mask) -> jax.Array:
+    """The property margin at ``x`` (``> 0`` iff the property holds there)."""
+    y = jnp.reshape(fn(x), (-1,)).astype(spec.dtype)
+    return reduce_rows(spec @ y - threshold, mask)
+
+
 def margin_fn(fn: Callable, prop: Property) -> Callable[[jax.Array], jax.Array]:
     """``x -> m(x)``, the property margin (``> 0`` iff the property holds at ``x``)."""
-
-    def margin(x):
-        y = jnp.reshape(fn(x), (-1,)).astype(prop.spec.dtype)
-        return reduce_rows(prop.spec @ y - prop.threshold, prop.mask)
-
-    return margin
+    return lambda x: margin_of(fn, x, prop.spec, prop.threshold, prop.mask)

@@ -173,6 +173,26 @@ def test_beta_crown_bound_is_sound_on_a_split_subdomain():
     assert low >= clamp_only - 1e-9  # beta = 0 is the starting point
 
 
+def test_compiled_cache_never_serves_a_stale_network():
+    # Compilations are shared between calls computing the same thing; a numpy weight
+    # changed in place is a different network and must be re-bounded.
+    w = np.array([[1.0, -1.0], [0.5, 2.0]])
+    fn = lambda x: jnp.sum(jax.nn.relu(w @ x), keepdims=True)  # noqa: E731
+    box = vf.Box(-jnp.ones(2), jnp.ones(2))
+    assert vf.branch_and_bound(fn, box, SPEC, threshold=-0.5, method="crown").status == ("verified")
+    w[:] = -w  # still >= 0: verified again
+    assert vf.branch_and_bound(fn, box, SPEC, threshold=-0.5, method="crown").status == ("verified")
+    fn2 = lambda x: jnp.sum(jax.nn.relu(w @ x), keepdims=True) - 1.0  # noqa: E731
+    res = vf.branch_and_bound(fn2, box, SPEC, threshold=-0.5, method="crown")
+    assert res.status == "falsified" and float(fn2(res.counterexample)[0]) <= -0.5
+    w[:] = 0.0  # now fn2 = -1 everywhere
+    res = vf.branch_and_bound(fn2, box, SPEC, threshold=-1.5, method="crown")
+    assert res.status == "verified" and res.lower_bound == pytest.approx(0.5)
+    w[:] = 5.0
+    res = vf.branch_and_bound(fn2, box, SPEC, threshold=-0.5, method="crown")
+    assert res.status == "falsified"  # relu(5 x1 + 5 x2) = 0 on half the box
+
+
 def test_pgd_attack_finds_the_minimum_reproducibly():
     fn = lambda x: jnp.atleast_1d(jnp.sum((x - 0.3) ** 2))  # noqa: E731
     box = vf.Box(-jnp.ones(3), jnp.ones(3))

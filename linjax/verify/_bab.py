@@ -103,10 +103,12 @@ def branch_and_bound(
     **Algorithm.** The root box is bounded; while some open sub-domain has a margin lower
     bound $\le 0$, the ``batch_size / 2`` open domains with the lowest bounds are each
     split in two and the children are bounded together in one ``jit(vmap(...))`` call
-    (the batch is padded to ``batch_size``, so it compiles once). Children with a
-    positive bound are closed. Bounding uses ``method``: ``"alpha-crown"`` (CROWN with
-    ``steps`` Adam steps on the slopes, never looser than CROWN), ``"crown"`` or
-    ``"ibp"``. Two kinds of split:
+    (the batch is padded to ``batch_size``, so it compiles once; the compiled functions
+    are cached by ``fn``'s traced jaxpr and constants, so further calls on the same
+    network, for other boxes or specs of the same shapes, do not recompile, while a
+    changed network never reuses them). Children with a positive bound are closed.
+    Bounding uses ``method``: ``"alpha-crown"`` (CROWN with ``steps`` Adam steps on the
+    slopes, never looser than CROWN), ``"crown"`` or ``"ibp"``. Two kinds of split:
 
     * **input** (``split="input"``): bisect the box along the coordinate $i$ with the
       largest $|\Lambda_{k i}|\,(u_i - l_i)$, where $\Lambda_k$ is CROWN's input

@@ -57,10 +57,12 @@ def jacobian_bounds(
       \tfrac{u}{u-l}(g-l)$ for $g\in[l,u]$);
     * the derivatives of ``tanh``, ``logistic`` (sigmoid), ``erf``, ``erfc`` and
       ``atan`` are single nodes bounded by their exact range on the pre-activation
-      interval (``fn`` is re-traced with these activations in a ``custom_jvp``); other
-      smooth pieces (GELU's product $x\,\Phi(x)$, softplus, ...) are bounded through
-      their own derivative graphs, products of bounded values by interval arithmetic /
-      McCormick planes (sound, looser on wide pre-activation intervals);
+      interval, and so are composite elementwise activations such as GELU
+      $z\,\Phi(z)$ (exact or tanh form) and SiLU, whose derivative is bounded on 32
+      sub-intervals (``fn`` is re-traced with these activations in a ``custom_jvp``);
+      anything else (softplus, layer norm, ...) is bounded through its own derivative
+      graph, products of bounded values by interval arithmetic / McCormick planes
+      (sound, looser on wide pre-activation intervals);
     * products with the weights are exact (centre/radius) in IBP and kept symbolic in
       CROWN's backward pass, which is what makes the bounds tighter than a product of
       layer norms.

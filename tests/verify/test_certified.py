@@ -131,6 +131,7 @@ class NnxMLP(nnx.Module):
         return self.l2(jax.nn.relu(self.l1(x)))
 
 
+@pytest.mark.slow
 def test_ibp_training_flax_nnx_digits():
     digits = data.load_digits()
     x, y = digits.x_train, digits.y_train
@@ -156,6 +157,7 @@ def test_ibp_training_flax_nnx_digits():
     assert cert_rob > cert_std + 0.2, (cert_std, cert_rob)
 
 
+@pytest.mark.slow
 def test_crown_ibp_training_equinox_digits():
     digits = data.load_digits()
     x, y = digits.x_train[:512], digits.y_train[:512]

@@ -119,6 +119,7 @@ def test_mlp_sound(act, getkey):
         assert np.all(out[m].upper <= out["ibp"].upper + 1e-12)
 
 
+@pytest.mark.slow
 def test_cnn_sound(getkey):
     fn = cnn(getkey())
     x0 = jax.random.uniform(getkey(), (1, 5, 5))
@@ -237,3 +238,22 @@ def test_one_hidden_layer_matches_interval_formula(act, d, getkey):
     jb = vf.jacobian_bounds(fn, box, method="ibp")
     np.testing.assert_allclose(jb.lower, lo, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(jb.upper, hi, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "f",
+    [jax.nn.gelu, lambda v: jax.nn.gelu(v, approximate=False), jax.nn.silu],
+    ids=["gelu_tanh", "gelu_exact", "silu"],
+)
+def test_composite_activation_derivative_is_near_exact(f):
+    # z * Phi(z) and z * sigmoid(z) are one derivative node, bounded on sub-intervals:
+    # a dense grid of derivatives lies inside, and the overestimate is small.
+    lo, hi = jnp.array([-3.0, -1.0, 0.5, -0.2]), jnp.array([3.0, 0.0, 2.0, -0.1])
+    jb = vf.jacobian_bounds(f, vf.Box(lo, hi))
+    off = ~np.eye(4, dtype=bool)
+    assert np.all(np.asarray(jb.lower)[off] == 0) and np.all(np.asarray(jb.upper)[off] == 0)
+    grid = jnp.linspace(lo, hi, 20_001)
+    d = jax.vmap(jax.vmap(jax.grad(f)))(grid)
+    low, high = jnp.diag(jb.lower), jnp.diag(jb.upper)
+    assert_inside(d, low[None], high[None], "derivative grid")
+    assert float(jnp.max(d.min(0) - low)) < 0.1 and float(jnp.max(high - d.max(0))) < 0.1

@@ -175,6 +175,20 @@ def gla_decode_step(
     return (o[:, None] if squeeze else o), new_state.astype(state.dtype)
 
 
+def _auto_impl(impl: str) -> str:
+    """``resolve_impl``, except that ``"auto"`` keeps the XLA implementation on GPUs.
+
+    Measured on an H100 (``benchmarks/kernels_gpu.py``, B=1, T=8192, H=32, K=V=128, bf16):
+    the fused-chunk Pallas kernel, sequential over chunks with a float32 ``[V, K]`` state
+    per program, takes 168 ms forward against 3.7 ms for the chunkwise XLA implementation,
+    so ``impl="pallas"`` must be asked for explicitly there. TPUs use the kernel.
+    """
+    resolved = _compat.resolve_impl(impl)
+    if impl == "auto" and _compat.backend() == "gpu":
+        return "xla"
+    return resolved
+
+
 def gated_linear_attention(
     q: jax.Array,
     k: jax.Array,
@@ -225,7 +239,9 @@ def gated_linear_attention(
         initial_state: ``[batch, heads, key_dim, value_dim]`` or ``None`` (zeros).
         chunk_size: tokens per chunk (static), a power of two; the XLA path caps it at 64.
         scale: output scale ``s``, default ``key_dim ** -0.5`` (Liger uses 1).
-        impl: ``"auto"`` | ``"pallas"`` | ``"xla"`` | ``"reference"``.
+        impl: ``"auto"`` | ``"pallas"`` | ``"xla"`` | ``"reference"``. ``"auto"`` is the
+            Pallas kernel on TPU and the chunkwise XLA implementation on CPU and GPU (on an
+            H100 the XLA path is 45x faster than the current Pallas kernel).
 
     Returns:
         ``(o, final_state)``: ``o`` ``[batch, seq, heads, value_dim]`` in ``v``'s dtype and
@@ -249,7 +265,7 @@ def gated_linear_attention(
     _check_inputs(q, k, v, log_gates, initial_state, rank=4, layout=_SEQ)
     chunk_size = check_chunk_size(chunk_size)
     scale = _checks.check_scale(scale, q.shape[-1])
-    impl = _compat.resolve_impl(impl)
+    impl = _auto_impl(impl)
     state = _initial_state(initial_state, q, v, log_gates)
     if impl == "reference":
         return _naive_scan(q, k, v, log_gates, state, scale)

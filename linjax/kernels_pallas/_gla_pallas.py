@@ -84,9 +84,13 @@ def _fwd_kernel(q_ref, k_ref, b_ref, v_ref, h0_ref, o_ref, ht_ref, *, cfg: _Conf
 
     def chunk(n, state_t):
         base = pl.multiple_of(n * big_c, big_c)
+        b_last = rows(b_ref, base + big_c - 1, 1)
+        new_state_t = state_t * jnp.exp(b_last)
         for i in range(big_c // c):  # static loop over query sub-chunks
             start = base + i * c
-            q_i, b_i, v_i = (rows(r, start, c) for r in (q_ref, b_ref, v_ref))
+            q_i, k_i, b_i, v_i = (rows(r, start, c) for r in (q_ref, k_ref, b_ref, v_ref))
+            # State update, one sub-chunk at a time (whole-chunk operands cost shared memory).
+            new_state_t = new_state_t + _dot(v_i, k_i * jnp.exp(b_last - b_i), trans_a=True)
             o_i = _dot(q_i * jnp.exp(b_i), state_t, trans_b=True)
             o_i = o_i + _dot(diagonal_block(start), v_i)
             b_n = rows(b_ref, start, 1)  # first row of the sub-chunk (Triton cannot slice values)
@@ -96,9 +100,7 @@ def _fwd_kernel(q_ref, k_ref, b_ref, v_ref, h0_ref, o_ref, ht_ref, *, cfg: _Conf
                 a = _dot(q_t, k_j * jnp.exp(b_n - b_j), trans_b=True)
                 o_i = o_i + _dot(a, v_j)
             o_ref[pl.ds(start, c), :] = (cfg.scale * o_i).astype(o_ref.dtype)
-        k, b, v = (rows(r, base, big_c) for r in (k_ref, b_ref, v_ref))
-        b_last = rows(b_ref, base + big_c - 1, 1)
-        return state_t * jnp.exp(b_last) + _dot(v, k * jnp.exp(b_last - b), trans_a=True)
+        return new_state_t
 
     # int32 bounds: with x64 on, Python-int bounds give an int64 index Mosaic cannot mix.
     n_chunks = jnp.int32(cfg.num_chunks)
@@ -125,6 +127,7 @@ def _forward(cfg: _Config, q, k, b, v, h0t):
     return _compat.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg),
         grid=(bh, dv // bv),
+        num_stages=1,  # no software pipelining of the chunk loop: it doubles shared memory
         in_specs=[seq(dk), seq(dk), seq(dk), vtile, stile],
         out_specs=(vtile, stile),
         out_shape=(

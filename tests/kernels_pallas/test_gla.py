@@ -217,3 +217,14 @@ def test_bad_inputs_raise_clear_errors():
         kp.gla_decode_step(x[:, 0], x[:, 0], x[:, 0], g[:, 0], jnp.zeros((1, 2, 4, 3)))
     # Under jit the gates are traced and cannot be checked: no error, documented.
     jax.jit(lambda g: gla_(x, x, x, g)[0])(g)
+
+
+@pytest.mark.parametrize(
+    ("platform", "expected"), [("cpu", "xla"), ("gpu", "xla"), ("tpu", "pallas")]
+)
+def test_auto_picks_the_kernel_only_on_tpu(monkeypatch, platform, expected):
+    from linjax.kernels_pallas import _compat, _gla
+
+    monkeypatch.setattr(_compat, "backend", lambda: platform)
+    assert _gla._auto_impl("auto") == expected
+    assert _gla._auto_impl("pallas") == "pallas"

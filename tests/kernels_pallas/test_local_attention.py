@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from linjax import kernels_pallas as kp
+from linjax.kernels_pallas import _compat
 
 # rel-RMS tolerances (reference/kernels.md §7): forward, gradients.
 TOL = {jnp.float32: (1e-4, 1e-3), jnp.bfloat16: (5e-3, 1e-2)}
@@ -136,7 +137,7 @@ def test_auto_and_reference_dispatch(getkey):
     auto, xla = jax.jit(
         lambda q, k, v: (
             kp.local_attention(q, k, v, window=5),
-            kp.local_attention(q, k, v, window=5, impl="xla"),
+            kp.local_attention(q, k, v, window=5, impl=_compat.resolve_impl("auto")),
         )
     )(q, k, v)
     np.testing.assert_array_equal(auto, xla)

@@ -257,3 +257,27 @@ def test_composite_activation_derivative_is_near_exact(f):
     low, high = jnp.diag(jb.lower), jnp.diag(jb.upper)
     assert_inside(d, low[None], high[None], "derivative grid")
     assert float(jnp.max(d.min(0) - low)) < 0.1 and float(jnp.max(high - d.max(0))) < 0.1
+
+
+def test_flax_nnx_and_equinox_models(getkey):
+    import equinox as eqx
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.l1 = nnx.Linear(3, 6, rngs=rngs)
+            self.l2 = nnx.Linear(6, 2, rngs=rngs)
+
+        def __call__(self, x):
+            return self.l2(nnx.gelu(self.l1(x)))
+
+    nnx_net = Net(nnx.Rngs(0))
+    eqx_net = eqx.nn.MLP(3, 2, 6, depth=2, activation=jax.nn.softplus, key=getkey())
+    centers = jnp.array([[0.3, -0.2, 0.5], [-0.4, 0.1, 0.2]])
+    boxes = vf.Box(centers - 0.3, centers + 0.3)
+    for fn in (nnx_net, eqx_net):
+        batched = jax.jit(jax.vmap(lambda b, fn=fn: vf.jacobian_bounds(fn, b)))(boxes)
+        for i in range(2):
+            box = vf.Box(boxes.lower[i], boxes.upper[i])
+            jb = vf.Box(batched.lower[i], batched.upper[i])
+            check_jacobians(fn, box, jb, getkey(), num=1_000)

@@ -15,8 +15,9 @@ class KVCache(NamedTuple):
     """Key/value cache of :class:`~linjax.kernels_pallas.layers.SoftmaxAttention`.
 
     Attributes:
-        key: ``[batch, max_len, kv_heads, head_dim]`` (keys after the rotary embedding).
-        value: ``[batch, max_len, kv_heads, head_dim]``.
+        key: ``[batch, kv_heads, max_len, head_dim]`` (keys after the rotary embedding),
+            head-major so that a decode step reads each head's keys contiguously.
+        value: ``[batch, kv_heads, max_len, head_dim]``.
         index: int32 scalar, the number of tokens written so far (the next position).
     """
 
@@ -43,7 +44,7 @@ class LigerCache(NamedTuple):
     Attributes:
         state: GLA state ``[batch, heads, head_dim, head_dim]``, float32 (or float64).
         key: ring buffer of the last ``num_window_keys`` keys (after the rotary embedding),
-            ``[batch, num_window_keys, kv_heads, head_dim]``; position ``p`` lives in slot
+            ``[batch, kv_heads, num_window_keys, head_dim]``; position ``p`` lives in slot
             ``p % num_window_keys``.
         value: ring buffer of values, same shape as ``key``.
         index: int32 scalar, the number of tokens seen so far (the next position).
@@ -133,6 +134,24 @@ def repeat_heads(x: jax.Array, num_heads: int) -> jax.Array:
     """``[..., kv_heads, d] -> [..., num_heads, d]``: each kv head serves consecutive q heads."""
     groups = num_heads // x.shape[-2]
     return x if groups == 1 else jnp.repeat(x, groups, axis=-2)
+
+
+def decode_attention(
+    q: jax.Array, key: jax.Array, value: jax.Array, visible: jax.Array, scale: float
+) -> jax.Array:
+    """One query per head against a head-major cache: ``[B, H, D] x [B, Hkv, S, D]``.
+
+    ``visible`` is a boolean ``[S]`` (at least one True). Query head ``h`` reads kv head
+    ``h // (H // Hkv)``. Logits and softmax in at least float32; returns ``[B, H, Dv]``.
+    """
+    b, h, d = q.shape
+    hk = key.shape[1]
+    acc = jnp.promote_types(q.dtype, jnp.float32)
+    qg = q.astype(acc).reshape(b, hk, h // hk, d)
+    s = jnp.einsum("bkgd,bksd->bkgs", qg, key.astype(acc)) * scale
+    p = jax.nn.softmax(jnp.where(visible, s, -jnp.inf), axis=-1)
+    o = jnp.einsum("bkgs,bkse->bkge", p, value.astype(acc))
+    return o.reshape(b, h, value.shape[-1]).astype(q.dtype)
 
 
 def check_sequence(x: Any, in_features: int, name: str = "x") -> None:

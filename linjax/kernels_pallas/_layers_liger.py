@@ -15,7 +15,7 @@ from linjax.kernels_pallas import _layers_common as common
 from linjax.kernels_pallas._gla import check_chunk_size, gated_linear_attention, gla_decode_step
 from linjax.kernels_pallas._layers_common import LigerCache
 from linjax.kernels_pallas._layers_gla import check_impl, check_normalizer
-from linjax.kernels_pallas._layers_softmax import SoftmaxAttention, dense_causal_attention
+from linjax.kernels_pallas._layers_softmax import SoftmaxAttention
 from linjax.kernels_pallas._local_attention import local_attention
 
 
@@ -172,7 +172,7 @@ class LigerAttention(nnx.Module):
         dtype = self.key.kernel.get_value().dtype
         acc = common.state_dtype(dtype)
         state = jnp.zeros((batch_size, self.num_heads, self.head_dim, self.head_dim), acc)
-        ring = jnp.zeros((batch_size, self.num_window_keys, self.num_kv_heads, self.head_dim))
+        ring = jnp.zeros((batch_size, self.num_kv_heads, self.num_window_keys, self.head_dim))
         ring = ring.astype(dtype)
         return LigerCache(state, ring, ring, jnp.zeros((), jnp.int32))
 
@@ -182,15 +182,17 @@ class LigerAttention(nnx.Module):
         t, w = x.shape[1], self.num_window_keys
         # Slot s holds the latest position p < t with p % w == s (none if that p < 0).
         slot_pos = (t - 1) - jnp.mod(t - 1 - jnp.arange(w), w)
-        valid = (slot_pos >= 0)[None, :, None, None]
-        take = lambda a: jnp.where(valid, jnp.take(a, jnp.maximum(slot_pos, 0), axis=1), 0)
+        valid = (slot_pos >= 0)[None, None, :, None]
+        take = lambda a: jnp.where(
+            valid, jnp.take(jnp.swapaxes(a, 1, 2), jnp.maximum(slot_pos, 0), axis=2), 0
+        )
         return y, LigerCache(state, take(kr), take(v), jnp.asarray(t, jnp.int32))
 
     def decode_step(self, x_t: jax.Array, cache: LigerCache) -> tuple[jax.Array, LigerCache]:
         """One token ``x_t`` ``[batch, in]`` -> ``(y_t [batch, out], cache)``."""
         x_t = common.check_token(x_t, self.in_features)
         common.check_cache(cache, LigerCache, x_t.shape[0])
-        w = cache.key.shape[1]
+        w = cache.key.shape[2]
         if w != self.num_window_keys:
             raise ValueError(
                 f"the cache's ring buffer holds {w} keys but this layer's window has "
@@ -199,17 +201,15 @@ class LigerAttention(nnx.Module):
         pos = cache.index
         q, k, v = self.query(x_t), self.key(x_t), self.value(x_t)  # [batch, heads, dim]
         o_gla, state = gla_decode_step(*self._gla_inputs(q, k, v), cache.state, scale=1.0)
-        qr = common.rope(q[:, None], pos[None], self.rope_theta)
-        kr = common.rope(k[:, None], pos[None], self.rope_theta)
+        qr = common.rope(q[:, None], pos[None], self.rope_theta)[:, 0]
+        kr = common.rope(k[:, None], pos[None], self.rope_theta)[:, 0]
         slot = jnp.mod(pos, w)
-        key = jax.lax.dynamic_update_slice_in_dim(cache.key, kr.astype(cache.key.dtype), slot, 1)
-        value = jax.lax.dynamic_update_slice_in_dim(
-            cache.value, v[:, None].astype(cache.value.dtype), slot, 1
+        write = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(
+            buf, new[:, :, None].astype(buf.dtype), slot, 2
         )
+        key, value = write(cache.key, kr), write(cache.value, v)
         slot_pos = pos - jnp.mod(pos - jnp.arange(w), w)
-        o_swa = dense_causal_attention(
-            qr, key, value, scale=self.scale, visible=(slot_pos >= 0)[None, :]
-        )[:, 0]
+        o_swa = common.decode_attention(qr, key, value, slot_pos >= 0, self.scale)
         o = 0.5 * o_swa + 0.5 * o_gla.astype(o_swa.dtype)
         return self.out(o), LigerCache(state, key, value, pos + 1)
 

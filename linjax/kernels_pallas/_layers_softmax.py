@@ -121,7 +121,7 @@ class SoftmaxAttention(nnx.Module):
         """An empty :class:`KVCache` with room for ``max_len`` tokens."""
         batch_size = _tree.check_positive_int(batch_size, "batch_size")
         max_len = _tree.check_positive_int(max_len, "max_len")
-        shape = (batch_size, max_len, self.num_kv_heads, self.head_dim)
+        shape = (batch_size, self.num_kv_heads, max_len, self.head_dim)
         zeros = jnp.zeros(shape, dtype)
         return common.KVCache(zeros, zeros, jnp.zeros((), jnp.int32))
 
@@ -139,8 +139,9 @@ class SoftmaxAttention(nnx.Module):
         q, k, v = self._qkv(x, jnp.arange(t))
         visible = jnp.tril(jnp.ones((t, t), bool))
         y = self.out(dense_causal_attention(q, k, v, scale=self.scale, visible=visible))
-        pad = ((0, 0), (0, max_len - t), (0, 0), (0, 0))
-        return y, common.KVCache(jnp.pad(k, pad), jnp.pad(v, pad), jnp.asarray(t, jnp.int32))
+        pad = ((0, 0), (0, 0), (0, max_len - t), (0, 0))
+        k, v = (jnp.pad(jnp.swapaxes(a, 1, 2), pad) for a in (k, v))  # head-major
+        return y, common.KVCache(k, v, jnp.asarray(t, jnp.int32))
 
     def decode_step(self, x_t: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """Attend one new token ``x_t`` ``[batch, in]`` to the cache; returns ``(y_t, cache)``.
@@ -150,15 +151,15 @@ class SoftmaxAttention(nnx.Module):
         """
         x_t = common.check_token(x_t, self.in_features)
         common.check_cache(cache, common.KVCache, x_t.shape[0])
-        max_len = cache.key.shape[1]
+        max_len = cache.key.shape[2]
         if not isinstance(cache.index, jax.core.Tracer) and int(cache.index) >= max_len:
             raise ValueError(f"the KV cache is full: it holds max_len={max_len} tokens")
         pos = cache.index
-        q, k, v = self._qkv(x_t[:, None], pos[None])
-        key = jax.lax.dynamic_update_slice_in_dim(cache.key, k.astype(cache.key.dtype), pos, 1)
-        value = jax.lax.dynamic_update_slice_in_dim(
-            cache.value, v.astype(cache.value.dtype), pos, 1
+        q, k, v = self._qkv(x_t[:, None], pos[None])  # [batch, 1, heads, dim]
+        write = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(
+            buf, jnp.swapaxes(new, 1, 2).astype(buf.dtype), pos, 2
         )
-        visible = (jnp.arange(max_len) <= pos)[None, :]
-        o = dense_causal_attention(q, key, value, scale=self.scale, visible=visible)
-        return self.out(o)[:, 0], common.KVCache(key, value, pos + 1)
+        key, value = write(cache.key, k), write(cache.value, v)
+        visible = jnp.arange(max_len) <= pos
+        o = common.decode_attention(q[:, 0], key, value, visible, self.scale)
+        return self.out(o), common.KVCache(key, value, pos + 1)

@@ -199,7 +199,7 @@ def test_softmax_attention_decode_equals_prefill(t0, getkey):
     x = make_x(getkey())
     y, cache = decode_all(m, x, t0, max_len=T + 3)
     assert rel_err(y, fwd(m, x)) < 1e-5
-    assert int(cache.index) == T and cache.key.shape == (B, T + 3, 2, C // 4)
+    assert int(cache.index) == T and cache.key.shape == (B, 2, T + 3, C // 4)
 
 
 # --- gated linear attention -------------------------------------------------------------------

@@ -39,6 +39,11 @@ def check_fn_on_box(fn: Callable, box: Box) -> jax.ShapeDtypeStruct:
     return out
 
 
+def jacobian_fn(fn: Callable, like: jax.ShapeDtypeStruct) -> Callable:
+    """``jax.jacrev(fn)`` with smooth activations differentiating to single nodes."""
+    return jax.jacrev(_smooth.with_derivative_nodes(fn, like))
+
+
 def jacobian_bounds(
     fn: Callable[[jax.Array], jax.Array], box: Box, *, method: str = "crown-ibp"
 ) -> Box:
@@ -124,7 +129,7 @@ def jacobian_bounds(
     jac_shape = tuple(out.shape) + in_shape
     like = jax.ShapeDtypeStruct(in_shape, box.lower.dtype)
     with jax.default_matmul_precision("highest"):
-        graph = _graph.trace(jax.jacrev(_smooth.with_derivative_nodes(fn, like)), like)
+        graph = _graph.trace(jacobian_fn(fn, like), like)
         if not _graph.is_bounded(graph.output):  # affine fn: a constant Jacobian
             value = jnp.broadcast_to(jnp.asarray(graph.output.value, out.dtype), jac_shape)
             return Box(value, value)

@@ -54,6 +54,19 @@ def test_sampled_le_local_le_naive(act, seed):
         assert np.all(lip < 0.8 * naive), (norm, lip, naive)
 
 
+@pytest.mark.parametrize("act", ["relu", "tanh"])
+def test_crown_method_bounds_the_norm(act):
+    # Deeper net: the norm bounded by CROWN through the Jacobian graph.
+    fn, ws = mlp(jax.random.key(5), {"relu": jax.nn.relu, "tanh": jnp.tanh}[act], (3, 8, 8, 8, 2))
+    box = vf.Box.from_eps(jax.random.normal(jax.random.key(6), (3,)), 0.2)
+    for norm in ("inf", 1, 2):
+        lip = np.asarray(vf.local_lipschitz(fn, box, norm=norm, method="crown"))
+        sampled = sampled_grad_norms(fn, box, jax.random.key(8), norm)
+        naive = np.asarray(vf.naive_lipschitz(ws, norm=norm))
+        assert np.all(sampled <= lip * (1 + 1e-9) + 1e-12), (norm, sampled, lip)
+        assert np.all(lip <= naive), (norm, lip, naive)
+
+
 def test_affine_is_exact_dual_norm():
     w = jnp.array([[1.0, -2.0, 0.5], [0.0, 3.0, -1.0]])
     box = vf.Box.from_eps(jnp.zeros(3), 1.0)

@@ -540,6 +540,8 @@ def _part_decode(
     for n, pts in rates.items():
         cs = sorted(pts)
         ax.loglog(cs, [pts[c] for c in cs], "o-", label=n)
+    ax.set_xticks(contexts, [str(c) for c in contexts])
+    ax.minorticks_off()
     ax.set(
         xlabel="context length (tokens of history)",
         ylabel="decode tokens / s",

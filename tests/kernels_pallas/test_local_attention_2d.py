@@ -201,6 +201,23 @@ def test_tiled_order_round_trip_and_layout():
     assert int(tiled[0, block * sched.block + 1 * 4 + 2, 0]) == 3 + 3 * 7 + 6
 
 
+def test_pallas_composes_with_vmap_checkpoint_and_grad(getkey):
+    """vmap over an extra axis (the kernels' platform-dependent call batches), remat, grad."""
+    kw = dict(grid_shape=(5, 6), radius=2.5, num_global=2)
+    q, k, v = (jr.normal(getkey(), (2, 1, 32, 2, 16), jnp.float32) for _ in range(3))
+    pallas = jax.checkpoint(attend("pallas", **kw))
+
+    def loss(f):
+        return lambda q, k, v: jnp.sum(jax.vmap(f)(q, k, v) ** 2)
+
+    val, grads = jax.jit(jax.value_and_grad(loss(pallas), argnums=(0, 1, 2)))(q, k, v)
+    ref = lambda q, k, v: kp.local_attention_2d_reference(q, k, v, **kw)
+    val_ref, grads_ref = jax.jit(jax.value_and_grad(loss(ref), argnums=(0, 1, 2)))(q, k, v)
+    assert abs(float(val) - float(val_ref)) <= 1e-5 * abs(float(val_ref))
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        assert rel_rms(g, g_ref) <= 1e-5
+
+
 def test_auto_and_reference_dispatch(getkey):
     kw = dict(grid_shape=(4, 6), radius=2)
     q, k, v = make_qkv(getkey(), jnp.float32, 24)

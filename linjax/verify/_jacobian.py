@@ -63,9 +63,9 @@ def jacobian_bounds(
     * the derivatives of ``tanh``, ``logistic`` (sigmoid), ``erf``, ``erfc`` and
       ``atan`` are single nodes bounded by their exact range on the pre-activation
       interval, and so are composite elementwise activations such as GELU
-      $z\,\Phi(z)$ (exact or tanh form) and SiLU, whose derivative is bounded on 32
-      sub-intervals (``fn`` is re-traced with these activations in a ``custom_jvp``);
-      anything else (softplus, layer norm, ...) is bounded through its own derivative
+      $z\,\Phi(z)$ (exact or tanh form), SiLU, softplus and ELU, whose derivative is
+      bounded on 64 sub-intervals (``fn`` is re-traced with these activations in a
+      ``custom_jvp``); anything else (layer norm, ...) is bounded through its own derivative
       graph, products of bounded values by interval arithmetic / McCormick planes
       (sound, looser on wide pre-activation intervals);
     * products with the weights are exact (centre/radius) in IBP and kept symbolic in

@@ -13,7 +13,10 @@ of $\tanh' \in (0, 1]$ up to $[-2, 4]$ per layer. :func:`with_derivative_nodes` 
   two dependent values or several nonlinear ops (GELU $z\,\Phi(z)$ in both forms, SiLU
   $z\,\sigma(z)$, ...): the derivative of the whole sub-graph is bounded by IBP on
   ``PIECES`` sub-intervals of $[l, u]$ (united, then intersected with the
-  whole-interval bound); the overestimate shrinks linearly with the piece width.
+  whole-interval bound); the overestimate shrinks linearly with the piece width;
+* smooth elementwise activations that JAX wraps in a ``jit`` or ``custom_jvp`` call of
+  one array (``softplus``, ``elu``, ``celu``, ...) are treated the same way, their
+  derivative following the call's own derivative rule.
 """
 
 from __future__ import annotations
@@ -96,7 +99,7 @@ def _derivative_ibp(x: Box, *, kind) -> Box:
 
 
 #: Sub-intervals used to bound the derivative of a composite activation.
-PIECES = 32
+PIECES = 64
 
 
 def _composite_ibp(x: Box, kind: str) -> Box:
@@ -173,6 +176,77 @@ _ELEMENTWISE = {
 _AFFINE = {prims.add_p, prims.sub_p, prims.neg_p, prims.copy_p}
 
 
+# What the body of a "unit" activation call may contain, and what makes it smooth.
+_UNIT_OK = _ELEMENTWISE | {
+    prims.gt_p, prims.ge_p, prims.lt_p, prims.le_p, prims.eq_p, prims.ne_p, prims.select_n_p,
+    prims.convert_element_type_p, prims.broadcast_in_dim_p, prims.jit_p,
+    prims.custom_jvp_call_p,
+}  # fmt: skip
+_SMOOTH = {
+    prims.exp_p, prims.expm1_p, prims.log_p, prims.log1p_p, prims.tanh_p, prims.logistic_p,
+    prims.erf_p, prims.erfc_p, prims.atan_p, prims.sqrt_p, prims.rsqrt_p, prims.integer_pow_p,
+    prims.div_p,
+}  # fmt: skip
+_BODY = {prims.jit_p: "jaxpr", prims.custom_jvp_call_p: "call_jaxpr"}
+
+
+def _body_kind(sub: Any) -> str | None:
+    """``"smooth"`` / ``"flat"`` for an elementwise body without array constants, else None."""
+    if isinstance(sub, jex.ClosedJaxpr):
+        if sub.consts:
+            return None
+        sub = sub.jaxpr
+    smooth = False
+    for e in sub.eqns:
+        if e.primitive not in _UNIT_OK:
+            return None
+        if e.primitive is prims.broadcast_in_dim_p and e.invars[0].aval.shape != ():
+            return None
+        if e.primitive in _BODY:
+            kind = _body_kind(e.params[_BODY[e.primitive]])
+            if kind is None:
+                return None
+            smooth |= kind == "smooth"
+        smooth |= e.primitive in _SMOOTH
+    return "smooth" if smooth else "flat"
+
+
+def _is_unit(eqn: jex.JaxprEqn) -> bool:
+    """A ``jit``/``custom_jvp`` call that is a smooth elementwise function of one array.
+
+    ``jax.nn.softplus``, ``elu``, ``celu``, ``selu``, ... (their derivatives are bounded on
+    sub-intervals as one node; piecewise-linear ones such as ``relu`` are left to the
+    ReLU relaxations).
+    """
+    if eqn.primitive not in _BODY or len(eqn.outvars) != 1:
+        return False
+    ins = [a for a in eqn.invars if not isinstance(a, jex.Literal)]
+    out = eqn.outvars[0].aval
+    if len(ins) != 1 or ins[0].aval.shape != out.shape:
+        return False
+    if not jnp.issubdtype(out.dtype, jnp.floating):
+        return False
+    if any(isinstance(a, jex.Literal) and jnp.ndim(a.val) != 0 for a in eqn.invars):
+        return False
+    return _body_kind(eqn.params[_BODY[eqn.primitive]]) == "smooth"
+
+
+def _unit(eqn: jex.JaxprEqn) -> Callable:
+    key = f"unit:{eqn}"
+    if key not in _COMPOSITES:
+
+        def f(x):
+            vals = [a.val if isinstance(a, jex.Literal) else x for a in eqn.invars]
+            (out,) = _graph._eval_eqn(eqn, vals)
+            return out
+
+        def df(x):
+            return jax.jvp(f, (x,), (jnp.ones_like(x),))[1]
+
+        _COMPOSITES[key] = (f, df)
+    return _custom(_COMPOSITES[key][0], key)
+
+
 def _groups(jaxpr: jex.Jaxpr) -> dict[int, tuple[Any, Any, list[int]]]:
     """Composite activations: ``{first eqn: (root var, output var, eqn indices)}``.
 
@@ -187,7 +261,8 @@ def _groups(jaxpr: jex.Jaxpr) -> dict[int, tuple[Any, Any, list[int]]]:
         ins = [a for a in eqn.invars if not isinstance(a, jex.Literal)]
         roots = {root.get(a, a) for a in ins}
         lits_ok = all(not isinstance(a, jex.Literal) or jnp.ndim(a.val) == 0 for a in eqn.invars)
-        if eqn.primitive in _ELEMENTWISE and len(roots) == 1 and lits_ok and ins:
+        elementwise = eqn.primitive in _ELEMENTWISE or _is_unit(eqn)
+        if elementwise and len(roots) == 1 and lits_ok and ins:
             (r,) = roots
             out = eqn.outvars[0]
             if (
@@ -284,7 +359,11 @@ def _eval(jaxpr: jex.Jaxpr, consts: list, args: list) -> list:
             env[out] = _composite(jaxpr, r, out, idx)(env[r])
             skip.update(idx)
         if i not in skip:
-            _run([eqn], env)
+            if _is_unit(eqn):
+                (x,) = [env[a] for a in eqn.invars if not isinstance(a, jex.Literal)]
+                env[eqn.outvars[0]] = _unit(eqn)(x)
+            else:
+                _run([eqn], env)
     return [a.val if isinstance(a, jex.Literal) else env[a] for a in jaxpr.outvars]
 
 

@@ -242,11 +242,17 @@ def test_one_hidden_layer_matches_interval_formula(act, d, getkey):
 
 @pytest.mark.parametrize(
     "f",
-    [jax.nn.gelu, lambda v: jax.nn.gelu(v, approximate=False), jax.nn.silu],
-    ids=["gelu_tanh", "gelu_exact", "silu"],
+    [
+        jax.nn.gelu,
+        lambda v: jax.nn.gelu(v, approximate=False),
+        jax.nn.silu,
+        jax.nn.softplus,
+        jax.nn.elu,
+    ],
+    ids=["gelu_tanh", "gelu_exact", "silu", "softplus", "elu"],
 )
 def test_composite_activation_derivative_is_near_exact(f):
-    # z * Phi(z) and z * sigmoid(z) are one derivative node, bounded on sub-intervals:
+    # z * Phi(z), z * sigmoid(z), softplus, elu are one derivative node, bounded on pieces:
     # a dense grid of derivatives lies inside, and the overestimate is small.
     lo, hi = jnp.array([-3.0, -1.0, 0.5, -0.2]), jnp.array([3.0, 0.0, 2.0, -0.1])
     jb = vf.jacobian_bounds(f, vf.Box(lo, hi))
@@ -256,7 +262,7 @@ def test_composite_activation_derivative_is_near_exact(f):
     d = jax.vmap(jax.vmap(jax.grad(f)))(grid)
     low, high = jnp.diag(jb.lower), jnp.diag(jb.upper)
     assert_inside(d, low[None], high[None], "derivative grid")
-    assert float(jnp.max(d.min(0) - low)) < 0.1 and float(jnp.max(high - d.max(0))) < 0.1
+    assert float(jnp.max(d.min(0) - low)) < 0.12 and float(jnp.max(high - d.max(0))) < 0.12
 
 
 def test_flax_nnx_and_equinox_models(getkey):

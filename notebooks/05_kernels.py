@@ -301,9 +301,9 @@ def perplexity(model):
     return float(jnp.exp(ce))
 
 
-DIM, DEPTH, HEADS = (64, 2, 4) if QUICK else (128, 3, 4)
+DIM, DEPTH, HEADS = 64, 2, 4
 CONTEXT, WINDOW_LM = (64, 8) if QUICK else (128, 16)
-STEPS, FT_STEPS = (150, 60) if QUICK else (2000, 600)
+STEPS, FT_STEPS = (150, 60) if QUICK else (800, 200)
 eval_starts = jnp.arange(0, test_tokens.shape[0] - CONTEXT - 1, CONTEXT + 1)
 eval_windows = windows(test_tokens, eval_starts[:: max(1, len(eval_starts) // 256)], CONTEXT + 1)
 

@@ -407,9 +407,9 @@ def _part_lm(ctx: TourContext) -> tuple[CharLM, CharLM, jax.Array, list[str]]:
     tokens = jnp.asarray([lookup[c] for c in text], jnp.int32)
     split = int(0.9 * tokens.shape[0])
     train_tokens, test_tokens = tokens[:split], tokens[split:]
-    dim, depth, heads = (64, 2, 4) if quick else (128, 3, 4)
+    dim, depth, heads = 64, 2, 4
     context, window = (64, 8) if quick else (128, 16)
-    steps, ft_steps = (150, 60) if quick else (2000, 600)
+    steps, ft_steps = (150, 60) if quick else (800, 200)
     batch = 32
     eval_starts = jnp.arange(0, test_tokens.shape[0] - context - 1, context + 1)
     eval_starts = eval_starts[:: max(1, eval_starts.shape[0] // (64 if quick else 256))]

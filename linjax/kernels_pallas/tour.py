@@ -341,7 +341,7 @@ def _part_scaling(ctx: TourContext) -> None:
         ticks = sorted({t for pts in res.values() for t in pts})
         for ax in axes[:, col]:
             ax.set_xticks(ticks, [str(t) for t in ticks])
-            ax.minorticks_off()
+            ax.xaxis.set_minor_locator(plt.NullLocator())
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=8)
     axes[0, 0].set_title("1-D causal: B=1, 4 heads, head_dim 64")
@@ -445,8 +445,10 @@ def _part_lm(ctx: TourContext) -> tuple[CharLM, CharLM, jax.Array, list[str]]:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     smooth = lambda a: np.convolve(a, np.ones(20) / 20, mode="valid")
-    axes[0].plot(np.exp(smooth(losses)), label="softmax pre-training")
-    x_ft = steps + np.arange(len(smooth(ft_losses)))
+    axes[0].plot(
+        19 + np.arange(len(losses) - 19), np.exp(smooth(losses)), label="softmax pre-training"
+    )
+    x_ft = steps + 19 + np.arange(len(ft_losses) - 19)
     axes[0].plot(x_ft, np.exp(smooth(ft_losses)), label="Liger fine-tuning (after linearize)")
     axes[0].plot(x_ft, np.exp(smooth(more_losses)), label="softmax, same extra steps")
     axes[0].set(xlabel="step", ylabel="train perplexity (20-step mean)", yscale="log")
@@ -541,7 +543,7 @@ def _part_decode(
         cs = sorted(pts)
         ax.loglog(cs, [pts[c] for c in cs], "o-", label=n)
     ax.set_xticks(contexts, [str(c) for c in contexts])
-    ax.minorticks_off()
+    ax.xaxis.set_minor_locator(plt.NullLocator())
     ax.set(
         xlabel="context length (tokens of history)",
         ylabel="decode tokens / s",

@@ -117,8 +117,11 @@ def median_time(fn, *args, repeats=3):
     return statistics.median(times)
 
 
-def temp_mib(fn, *args):
-    return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes / 2**20
+def time_and_memory(fn, *args):
+    """Median time and XLA scratch (MiB) of jit(fn)(*args), from one compilation."""
+    compiled = jax.jit(fn).lower(*args).compile()
+    mib = compiled.memory_analysis().temp_size_in_bytes / 2**20
+    return median_time(compiled, *args), mib
 
 
 WINDOW = 128 if QUICK else 256
@@ -136,7 +139,7 @@ for t in SEQ_LENS:
     for name, fn in methods_1d.items():
         if name.startswith("dense") and t > DENSE_MAX:
             continue
-        res_1d[name][t] = (median_time(jax.jit(fn), q, k, v, g), temp_mib(fn, q, k, v, g))
+        res_1d[name][t] = time_and_memory(fn, q, k, v, g)
 
 RADIUS, NUM_GLOBAL = (4 if QUICK else 8), 16
 SIDES = [16, 32] if QUICK else [16, 32, 48, 64]
@@ -158,7 +161,7 @@ for side in SIDES:
         ),
     }
     for name, fn in fns.items():
-        res_2d[name][t] = (median_time(jax.jit(fn), q, k, v), temp_mib(fn, q, k, v))
+        res_2d[name][t] = time_and_memory(fn, q, k, v)
 
 fig, axes = plt.subplots(2, 2, figsize=(11, 8))
 for col, (res, xlabel) in enumerate(

@@ -54,11 +54,16 @@ def median_time(fn: Callable, *args: Any, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
-def temp_bytes(fn: Callable, *args: Any) -> int:
-    """Scratch bytes XLA assigns to ``jit(fn)(*args)`` beyond inputs and outputs."""
+def time_and_memory(fn: Callable, *args: Any) -> tuple[float, int]:
+    """Median seconds of ``jit(fn)(*args)`` and the scratch bytes XLA assigns to it.
+
+    One compilation serves both: the memory is the compiled executable's
+    ``memory_analysis().temp_size_in_bytes`` (buffers beyond inputs and outputs).
+    """
     compiled = jax.jit(fn).lower(*args).compile()
     analysis = compiled.memory_analysis()
-    return int(analysis.temp_size_in_bytes) if analysis is not None else -1
+    temp = int(analysis.temp_size_in_bytes) if analysis is not None else -1
+    return median_time(compiled, *args), temp
 
 
 def scaling_1d(
@@ -88,7 +93,7 @@ def scaling_1d(
             if name.startswith("dense") and t > dense_max:
                 continue
             progress(f"  T={t}: {name}")
-            out[name][t] = (median_time(jax.jit(fn), q, k, v, g), temp_bytes(fn, q, k, v, g))
+            out[name][t] = time_and_memory(fn, q, k, v, g)
     return out
 
 
@@ -120,7 +125,7 @@ def scaling_2d(
         }
         for name, fn in fns.items():
             progress(f"  {side}x{side} grid: {name}")
-            out[name][t] = (median_time(jax.jit(fn), q, k, v), temp_bytes(fn, q, k, v))
+            out[name][t] = time_and_memory(fn, q, k, v)
     return out
 
 

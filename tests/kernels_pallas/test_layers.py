@@ -255,12 +255,21 @@ def test_liger_equals_half_swa_plus_half_gla_by_hand(rope_theta, kv_heads, windo
         assert rel_err(y, liger_np(m, x, window + compat - 1)) > 1e-3
 
 
-@pytest.mark.parametrize("t0", [0, 3, 15])
-def test_liger_decode_equals_prefill(t0, getkey):
-    # window 6 < T: the ring buffer wraps several times; t0 = 3 < window leaves empty slots
+@pytest.mark.parametrize("t0, compat", [(0, False), (3, True), (15, False)])
+def test_liger_decode_equals_prefill(t0, compat, getkey):
+    # window 6 (7 keys with compat) < T: the ring buffer wraps several times; t0 = 3 < window
+    # leaves empty slots
     m = layers.LigerAttention(
-        4, C, num_kv_heads=2, rope_theta=100.0, window=6, chunk_size=16, rngs=nnx.Rngs(0)
+        4,
+        C,
+        num_kv_heads=2,
+        rope_theta=100.0,
+        window=6,
+        liger_compatible_window=compat,
+        chunk_size=16,
+        rngs=nnx.Rngs(0),
     )
+    assert m.num_window_keys == 6 + compat
     randomize(m, getkey())
     x = make_x(getkey())
     y_full, cache_full = prefill(m, x)

@@ -446,7 +446,8 @@ def _part_lm(ctx: TourContext) -> tuple[CharLM, CharLM, jax.Array, list[str]]:
         model, train_tokens, steps=ft_steps, lr=1e-3, batch=batch, context=context, key=jr.key(2)
     )
     ppl_more = perplexity(soft_more, eval_windows)
-    recovered = (ppl_lin - ppl_ft) / (ppl_lin - ppl_soft)
+    gap = ppl_lin - ppl_soft  # > 0 unless linearizing cost nothing
+    recovered = (ppl_lin - ppl_ft) / gap if gap > 0 else float("nan")
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     smooth = lambda a: np.convolve(a, np.ones(20) / 20, mode="valid")

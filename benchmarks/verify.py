@@ -13,8 +13,9 @@ CROWN intermediate bounds and the adaptive ReLU lower slope. The bounds must agr
 ``max |ours - theirs| <= 1e-5 * max |theirs|`` for every case, or the script fails.
 
 Times are medians of ``--repeats`` calls after a warm-up call (``block_until_ready``;
-torch is synchronous on CPU), rounds interleaving the cases so background load hits them
-alike; our compile time is reported apart. The ratio column is ours / theirs (target
+torch is synchronous on CPU), rounds alternating ours and theirs for one method at a time
+(so background load hits both alike, and auto_LiRPA never switches methods between
+calls); our compile time is reported apart. The ratio column is ours / theirs (target
 <= 1.0). A second table gives our boxes per second at ``--throughput-batch`` (256), CROWN
 in chunks of 32 boxes (``jax.lax.map``) to bound its memory (median of 3 calls for IBP,
 one call for CROWN, after the compiling call).
@@ -144,6 +145,7 @@ def _time_interleaved(
     times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(repeats):
         for name, fn in cases.items():
+            time.sleep(0.05)  # let the other library's worker threads go idle (not timed)
             t0 = time.perf_counter()
             jax.block_until_ready(fn())
             times[name].append(time.perf_counter() - t0)
@@ -217,16 +219,18 @@ def main(argv: list[str] | None = None) -> None:
             with torch.no_grad():
                 diff = np.abs(model(torch.tensor(x_np[:batch])).numpy() - jax.vmap(net)(x)).max()
             assert diff < 1e-4, f"{net_name}: the two networks differ by {diff}"
+            bms = {}  # one BoundedModule per method: no state carried from one to the other
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                bm = lirpa.BoundedModule(model, torch.zeros(1, *shape), device="cpu")
+                for m_name in methods:
+                    bms[m_name] = lirpa.BoundedModule(model, torch.zeros(1, *shape), device="cpu")
             bx = lirpa.BoundedTensor(
                 torch.tensor(x_np[:batch]), lirpa.PerturbationLpNorm(norm=float("inf"), eps=eps)
             )
 
-            def theirs(m_name, bm=bm, bx=bx):
+            def theirs(m_name, bms=bms, bx=bx):
                 with torch.no_grad():
-                    return bm.compute_bounds(x=(bx,), method=m_name)
+                    return bms[m_name].compute_bounds(x=(bx,), method=m_name)
 
             for m_name in methods:
                 lo, hi = (v.numpy() for v in theirs(m_name))
@@ -241,7 +245,10 @@ def main(argv: list[str] | None = None) -> None:
                     if r[0] == names[net_name] and r[1] == m_name:
                         r.append(err)
                         r.append(float(np.mean(hi - lo)))
-        times = _time_interleaved(cases, args.repeats)
+        times = {}
+        for m_name in methods:  # interleave ours and theirs, one method at a time
+            pair = {k: f for k, f in cases.items() if k[1] == m_name}
+            times.update(_time_interleaved(pair, args.repeats))
         for r in rows:
             if r[0] == names[net_name]:
                 r.insert(2, times[("ours", r[1])])

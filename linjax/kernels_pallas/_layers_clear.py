@@ -77,23 +77,20 @@ class LocalAttention2D(nnx.Module):
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        sizes = common.check_sizes(num_heads, in_features, head_dim, num_kv_heads, out_features)
-        self.num_heads, self.in_features, self.head_dim, self.num_kv_heads = sizes[:4]
-        self.out_features = sizes[4]
-        self.radius = check_radius(radius)
-        self.use_bias = bool(use_bias)
-        self.impl = check_impl(impl)
-        self.query, self.key, self.value, self.out = common.head_projections(
-            self.in_features,
-            self.num_heads,
-            self.num_kv_heads,
-            self.head_dim,
-            self.out_features,
-            use_bias=self.use_bias,
+        common.init_attention(
+            self,
+            num_heads,
+            in_features,
+            head_dim,
+            num_kv_heads,
+            out_features,
+            use_bias=use_bias,
             dtype=dtype,
             param_dtype=param_dtype,
             rngs=rngs,
         )
+        self.radius = check_radius(radius)
+        self.impl = check_impl(impl)
 
     def __call__(
         self, x: jax.Array, *, grid_shape: tuple[int, int], num_global: int = 0

@@ -77,6 +77,37 @@ def head_projections(
     return query, key, value, out
 
 
+def init_attention(
+    module: nnx.Module,
+    num_heads: Any,
+    in_features: Any,
+    head_dim: Any,
+    num_kv_heads: Any,
+    out_features: Any,
+    *,
+    use_bias: bool,
+    dtype: Any,
+    param_dtype: Any,
+    rngs: nnx.Rngs,
+) -> None:
+    """Validate the sizes and give ``module`` its sizes, ``use_bias`` and q/k/v/o projections."""
+    sizes = check_sizes(num_heads, in_features, head_dim, num_kv_heads, out_features)
+    module.num_heads, module.in_features, module.head_dim, module.num_kv_heads = sizes[:4]
+    module.out_features = sizes[4]
+    module.use_bias = bool(use_bias)
+    module.query, module.key, module.value, module.out = head_projections(
+        module.in_features,
+        module.num_heads,
+        module.num_kv_heads,
+        module.head_dim,
+        module.out_features,
+        use_bias=module.use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
+
+
 def check_sizes(
     num_heads: Any, in_features: Any, head_dim: Any, num_kv_heads: Any, out_features: Any
 ) -> tuple[int, int, int, int, int]:

@@ -100,27 +100,24 @@ class LigerAttention(nnx.Module):
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        sizes = common.check_sizes(num_heads, in_features, head_dim, num_kv_heads, out_features)
-        self.num_heads, self.in_features, self.head_dim, self.num_kv_heads = sizes[:4]
-        self.out_features = sizes[4]
+        common.init_attention(
+            self,
+            num_heads,
+            in_features,
+            head_dim,
+            num_kv_heads,
+            out_features,
+            use_bias=use_bias,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
         self.rope_theta = common.check_rope(rope_theta, self.head_dim)
-        self.use_bias = bool(use_bias)
         self.window = _checks.check_window(window)
         self.liger_compatible_window = bool(liger_compatible_window)
         self.gate_logit_normalizer = check_normalizer(gate_logit_normalizer)
         self.chunk_size = check_chunk_size(chunk_size)
         self.impl = check_impl(impl)
-        self.query, self.key, self.value, self.out = common.head_projections(
-            self.in_features,
-            self.num_heads,
-            self.num_kv_heads,
-            self.head_dim,
-            self.out_features,
-            use_bias=self.use_bias,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            rngs=rngs,
-        )
 
     @property
     def num_window_keys(self) -> int:

@@ -83,22 +83,19 @@ class SoftmaxAttention(nnx.Module):
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        sizes = common.check_sizes(num_heads, in_features, head_dim, num_kv_heads, out_features)
-        self.num_heads, self.in_features, self.head_dim, self.num_kv_heads = sizes[:4]
-        self.out_features = sizes[4]
-        self.rope_theta = common.check_rope(rope_theta, self.head_dim)
-        self.use_bias = bool(use_bias)
-        self.query, self.key, self.value, self.out = common.head_projections(
-            self.in_features,
-            self.num_heads,
-            self.num_kv_heads,
-            self.head_dim,
-            self.out_features,
-            use_bias=self.use_bias,
+        common.init_attention(
+            self,
+            num_heads,
+            in_features,
+            head_dim,
+            num_kv_heads,
+            out_features,
+            use_bias=use_bias,
             dtype=dtype,
             param_dtype=param_dtype,
             rngs=rngs,
         )
+        self.rope_theta = common.check_rope(rope_theta, self.head_dim)
 
     @property
     def scale(self) -> float:

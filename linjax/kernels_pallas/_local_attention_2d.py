@@ -21,6 +21,7 @@ from linjax.kernels_pallas._local_attention_2d_xla import local_attention_2d_xla
 
 # Pallas tile on accelerators: 8 x 16 = 128 tokens (reference/kernels.md §4.3, §5.2).
 PALLAS_TILE = (8, 16)
+MIN_PALLAS_TILE_TOKENS = 16  # Triton's smallest dot dimension
 
 
 def _check_options(q, grid_shape: Any, radius: Any, num_global: Any) -> tuple[int, int, float, int]:
@@ -154,7 +155,8 @@ def local_attention_2d(
         num_global: number of prefix tokens (static int ``>= 0``).
         scale: logit scale, default ``head_dim ** -0.5``.
         impl: ``"auto"`` | ``"pallas"`` | ``"xla"`` | ``"reference"``.
-        tile_shape: ``(tile_h, tile_w)``, powers of two with at least 8 tokens; default
+        tile_shape: ``(tile_h, tile_w)``, powers of two with at least 8 tokens (16 for
+            ``impl="pallas"``); default
             as described above (shrunk to small grids).
 
     Returns:
@@ -192,6 +194,13 @@ def local_attention_2d(
         return local_attention_2d_xla(q, k, v, sched=sched, scale=scale)
     from linjax.kernels_pallas._local_attention_2d_pallas import local_attention_2d_pallas
 
-    tile = tile_shape or capped_tile(height, width, *PALLAS_TILE)
+    if tile_shape is not None and tile_shape[0] * tile_shape[1] < MIN_PALLAS_TILE_TOKENS:
+        # Triton's dot needs every dimension >= 16; an H100 gave wrong bf16 results for
+        # 8-token tiles (float32 and the CPU interpreter were fine).
+        raise ValueError(
+            f"tile_shape={tile_shape} has {tile_shape[0] * tile_shape[1]} tokens; "
+            f'impl="pallas" needs at least {MIN_PALLAS_TILE_TOKENS} (e.g. (4, 4) or (8, 16))'
+        )
+    tile = tile_shape or capped_tile(height, width, *PALLAS_TILE, MIN_PALLAS_TILE_TOKENS)
     sched = TileSchedule(height, width, num_global, max_d2, *tile)
     return local_attention_2d_pallas(q, k, v, sched=sched, scale=scale)

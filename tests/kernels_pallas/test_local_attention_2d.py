@@ -18,7 +18,7 @@ from linjax.kernels_pallas._local_attention_2d_schedule import TileSchedule, max
 # rel-RMS tolerances (reference/kernels.md §7): forward, gradients.
 TOL = {jnp.float32: (1e-4, 1e-3), jnp.bfloat16: (5e-3, 1e-2)}
 B, H, HKV, D, DV = 1, 4, 2, 16, 8  # grouped-query attention with 2 groups
-PALLAS_TILE = (2, 4)  # small tiles: several tile rows and columns on tiny grids
+PALLAS_TILE = (4, 4)  # small tiles: several tile rows and columns on tiny grids
 
 
 def rel_rms(x, ref):
@@ -71,7 +71,7 @@ def test_matches_reference_forward_and_vjp(impl, dtype, getkey):
 
 # (grid, radius, num_global, pallas tile): odd grids, no prefix / a prefix longer than a block
 # (two prefix blocks, the second padded), a fractional radius.
-GRIDS = [((9, 13), 4, 0, (4, 4)), ((5, 7), 2.5, 11, (4, 2))]
+GRIDS = [((9, 13), 4, 0, (4, 4)), ((5, 7), 2.5, 11, (2, 8))]
 
 
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
@@ -257,6 +257,8 @@ def test_bad_inputs_raise_clear_errors():
         kp.local_attention_2d(x, kv, kv, grid_shape=(0, 4), radius=2, num_global=14)
     with pytest.raises(ValueError, match="num_global=-1 must be >= 0"):
         kp.local_attention_2d(x, kv, kv, grid_shape=(3, 4), radius=2, num_global=-1)
+    with pytest.raises(ValueError, match=r"tile_shape=\(2, 4\) has 8 tokens; impl=\"pallas\""):
+        kp.local_attention_2d(x, kv, kv, tile_shape=(2, 4), impl="pallas", **kw)
     with pytest.raises(ValueError, match="tile_shape=.* must be powers of two"):
         kp.local_attention_2d(x, kv, kv, tile_shape=(3, 4), **kw)
     with pytest.raises(TypeError, match="share one dtype"):

@@ -142,9 +142,17 @@ def to_f64(params: Any) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
-def train_digits_eps(x: jax.Array, y: jax.Array, schedule: gen.Schedule, *, steps: int,
-                     hidden: int = 256, batch: int = 128, drop: float = 0.1,
-                     key: jax.Array) -> tuple[Callable, Any, np.ndarray]:
+def train_digits_eps(
+    x: jax.Array,
+    y: jax.Array,
+    schedule: gen.Schedule,
+    *,
+    steps: int,
+    hidden: int = 256,
+    batch: int = 128,
+    drop: float = 0.1,
+    key: jax.Array,
+) -> tuple[Callable, Any, np.ndarray]:
     """Train ``eps(x_t, t, class)`` on digits in ``[-1, 1]``; returns (apply, params, losses).
 
     ``t`` is the integer training step; the class is replaced by :data:`NULL_DIGIT` with
@@ -188,8 +196,9 @@ def rel_err(a: jax.Array, b: jax.Array) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def train_velocity(sample_data: Callable, *, steps: int, key: jax.Array, hidden: int = 128,
-                   batch: int = 512) -> tuple[Callable, Any]:
+def train_velocity(
+    sample_data: Callable, *, steps: int, key: jax.Array, hidden: int = 128, batch: int = 512
+) -> tuple[Callable, Any]:
     """Flow matching (``flow_matching_loss``) of an unconditional 2-D velocity ``v(t, x)``."""
     apply, params = split(CondMLP(2, hidden, 0, rngs=nnx.Rngs(1)))
 
@@ -206,8 +215,9 @@ def train_velocity(sample_data: Callable, *, steps: int, key: jax.Array, hidden:
     return velocity, params
 
 
-def train_cond_velocity(*, steps: int, key: jax.Array, hidden: int = 128, batch: int = 512,
-                        drop: float = 0.2) -> tuple[Callable, Any]:
+def train_cond_velocity(
+    *, steps: int, key: jax.Array, hidden: int = 128, batch: int = 512, drop: float = 0.2
+) -> tuple[Callable, Any]:
     """Conditional flow matching on the labelled Gaussian mixture: ``v(params, t, x, class)``.
 
     The same loss as ``flow_matching_loss`` with the class as an extra input (replaced by
@@ -220,8 +230,9 @@ def train_cond_velocity(*, steps: int, key: jax.Array, hidden: int = 128, batch:
 
     def loss_fn(params, key):
         k1, k2, k3, k4 = jr.split(key, 4)
-        x1, labels = data.gaussian_mixture(k1, batch, num_components=NUM_COMPONENTS,
-                                           radius=GMM_RADIUS, std=GMM_STD)
+        x1, labels = data.gaussian_mixture(
+            k1, batch, num_components=NUM_COMPONENTS, radius=GMM_RADIUS, std=GMM_STD
+        )
         c = jnp.where(jr.uniform(k4, (batch,)) < drop, NUM_COMPONENTS, labels)
         x0 = jr.normal(k2, x1.shape, x1.dtype)
         t = jr.uniform(k3, (batch,), x1.dtype)
@@ -232,8 +243,15 @@ def train_cond_velocity(*, steps: int, key: jax.Array, hidden: int = 128, batch:
     return velocity, params
 
 
-def train_flow_map(sample_data: Callable, *, steps: int, key: jax.Array, hidden: int = 128,
-                   batch: int = 512, diag_fraction: float = 0.75) -> tuple[Callable, Any]:
+def train_flow_map(
+    sample_data: Callable,
+    *,
+    steps: int,
+    key: jax.Array,
+    hidden: int = 128,
+    batch: int = 512,
+    diag_fraction: float = 0.75,
+) -> tuple[Callable, Any]:
     """A flow map trained by LSD: flow matching on its diagonal + ``lagrangian_loss``."""
     apply, params = split(FlowMapMLP(2, hidden, rngs=nnx.Rngs(3)))
     n = int(diag_fraction * batch)
@@ -261,12 +279,21 @@ def checkerboard_sampler(key, num):
 
 
 def gmm_sampler(key, num):
-    return data.gaussian_mixture(key, num, num_components=NUM_COMPONENTS, radius=GMM_RADIUS,
-                                 std=GMM_STD)[0]
+    return data.gaussian_mixture(
+        key, num, num_components=NUM_COMPONENTS, radius=GMM_RADIUS, std=GMM_STD
+    )[0]
 
 
-def apg_sample(velocity: Callable, x0: jax.Array, cond: jax.Array, null: jax.Array, *,
-               scale: float, num_steps: int, **apg_kwargs) -> jax.Array:
+def apg_sample(
+    velocity: Callable,
+    x0: jax.Array,
+    cond: jax.Array,
+    null: jax.Array,
+    *,
+    scale: float,
+    num_steps: int,
+    **apg_kwargs,
+) -> jax.Array:
     """Euler sampling of a flow model with APG on the denoised prediction ``x + (1 - t) v``."""
     h = 1.0 / num_steps
 
@@ -284,8 +311,9 @@ def apg_sample(velocity: Callable, x0: jax.Array, cond: jax.Array, null: jax.Arr
 
 def class_distance(x: jax.Array, labels: jax.Array) -> jax.Array:
     """Per-sample distance to the centre of the sample's own mixture component."""
-    centres = data.gaussian_mixture_centres(num_components=NUM_COMPONENTS, radius=GMM_RADIUS,
-                                            dtype=x.dtype)
+    centres = data.gaussian_mixture_centres(
+        num_components=NUM_COMPONENTS, radius=GMM_RADIUS, dtype=x.dtype
+    )
     return jnp.linalg.norm(x - centres[labels], axis=-1)
 
 
@@ -311,11 +339,14 @@ def _part_digits(ctx: TourContext) -> None:
     steps = 2000 if ctx.quick else 12000
     ctx.progress(f"training a conditional noise model on digits ({steps} Adam steps)")
     t0 = time.perf_counter()
-    apply, params, losses = train_digits_eps(x.astype(jnp.float32), d.y_train, schedule,
-                                             steps=steps, key=jr.key(0))
+    apply, params, losses = train_digits_eps(
+        x.astype(jnp.float32), d.y_train, schedule, steps=steps, key=jr.key(0)
+    )
     train_s = time.perf_counter() - t0
-    ctx.markdown(f"Digits noise model: {steps} steps in {train_s:.1f} s, final loss "
-                 f"{losses[-50:].mean():.3f} (first 50 steps: {losses[:50].mean():.3f}).")
+    ctx.markdown(
+        f"Digits noise model: {steps} steps in {train_s:.1f} s, final loss "
+        f"{losses[-50:].mean():.3f} (first 50 steps: {losses[:50].mean():.3f})."
+    )
 
     # float64 round trips on a few test digits.
     eps_fn = digits_eps_fn(apply, to_f64(params), 1000)
@@ -350,8 +381,11 @@ def _part_digits(ctx: TourContext) -> None:
     for ax in axes[2:5:2].ravel():
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"Invert -> regenerate, {n_steps} steps, float64: relative error "
-                 f"DDIM {e_ddim:.2g}, EDICT {e_edict:.1e}", fontsize=9)
+    fig.suptitle(
+        f"Invert -> regenerate, {n_steps} steps, float64: relative error "
+        f"DDIM {e_ddim:.2g}, EDICT {e_edict:.1e}",
+        fontsize=9,
+    )
     fig.tight_layout()
     ctx.savefig(fig, "generative_inversion.png")
     ctx.headline("DDIM round-trip rel. error (digits, 50 steps, f64)", e_ddim)
@@ -382,10 +416,14 @@ def _part_digits(ctx: TourContext) -> None:
         _show_digits(axes[0, j], data.digits_images(x0[j]), f"original ({int(labels[j])})")
         _show_digits(axes[1, j], data.digits_images(same[j]), "same class")
         for r, k in enumerate(targets):
-            _show_digits(axes[2 + r, j], data.digits_images(jnp.clip(edits[r][j], -1, 1)),
-                         f"as {k}")
-    fig.suptitle(f"EDICT edit (strength 0.8, CFG w={w}): invert with the true class, "
-                 "regenerate with another", fontsize=9)
+            _show_digits(
+                axes[2 + r, j], data.digits_images(jnp.clip(edits[r][j], -1, 1)), f"as {k}"
+            )
+    fig.suptitle(
+        f"EDICT edit (strength 0.8, CFG w={w}): invert with the true class, "
+        "regenerate with another",
+        fontsize=9,
+    )
     fig.tight_layout()
     ctx.savefig(fig, "generative_editing.png")
     e_same = rel_err(same, x0)
@@ -411,8 +449,9 @@ def _part_flow_maps(ctx: TourContext) -> tuple[Callable, Any]:
     key = jr.key(5)
     x0 = jr.normal(key, (num, 2), jnp.float32)
 
-    ctx.progress(f"flow matching + flow map (LSD) on the checkerboard ({fm_steps}+{map_steps} "
-                 "steps)")
+    ctx.progress(
+        f"flow matching + flow map (LSD) on the checkerboard ({fm_steps}+{map_steps} steps)"
+    )
     v_cb, p_cb = train_velocity(checkerboard_sampler, steps=fm_steps, key=jr.key(10))
     net_cb, q_cb = train_flow_map(checkerboard_sampler, steps=map_steps, key=jr.key(11))
     ctx.progress("conditional flow matching + flow map (LSD) on the Gaussian mixture")
@@ -424,29 +463,39 @@ def _part_flow_maps(ctx: TourContext) -> tuple[Callable, Any]:
         "checkerboard": (
             checkerboard_sampler(jr.key(99), num),
             lambda t, x: v_cb(p_cb, t, x),
-            gen.flow_map(net_cb), q_cb,
+            gen.flow_map(net_cb),
+            q_cb,
         ),
         "Gaussian mixture": (
             gmm_sampler(jr.key(99), num),
             lambda t, x: v_gmm(p_gmm, t, x, null),
-            gen.flow_map(net_gmm), q_gmm,
+            gen.flow_map(net_gmm),
+            q_gmm,
         ),
     }
-    cols = ["data", f"flow matching ODE ({ode_steps} Euler)", "flow map, 1 step",
-            "flow map, 2 steps", "flow map, 4 steps"]
+    cols = [
+        "data",
+        f"flow matching ODE ({ode_steps} Euler)",
+        "flow map, 1 step",
+        "flow map, 2 steps",
+        "flow map, 4 steps",
+    ]
     fig, axes = plt.subplots(2, len(cols), figsize=(3.0 * len(cols), 6.2))
     scores = {}
     for r, (name, (xd, vel, X, q)) in enumerate(rows.items()):
         samples = [xd, jax.jit(lambda x, vel=vel: gen.sample_ode(vel, x, num_steps=ode_steps))(x0)]
-        samples += [jax.jit(lambda x, n=n, X=X, q=q: gen.sample_flow_map(X, q, x, num_steps=n))(x0)
-                    for n in (1, 2, 4)]
+        samples += [
+            jax.jit(lambda x, n=n, X=X, q=q: gen.sample_flow_map(X, q, x, num_steps=n))(x0)
+            for n in (1, 2, 4)
+        ]
         for c, (col, s) in enumerate(zip(cols, samples, strict=True)):
             if name == "checkerboard":
                 score = float(jnp.mean(data.checkerboard_mask(s)))
                 label = f"on dark squares {score:.1%}"
             else:
-                centres = data.gaussian_mixture_centres(num_components=NUM_COMPONENTS,
-                                                        radius=GMM_RADIUS)
+                centres = data.gaussian_mixture_centres(
+                    num_components=NUM_COMPONENTS, radius=GMM_RADIUS
+                )
                 dist = jnp.min(jnp.linalg.norm(s[:, None] - centres, axis=-1), -1)
                 score = float(jnp.mean(dist))
                 label = f"mean dist. to nearest centre {score:.2f}"
@@ -460,8 +509,10 @@ def _part_flow_maps(ctx: TourContext) -> tuple[Callable, Any]:
     ctx.savefig(fig, "generative_flow_maps.png")
     for n in (1, 4):
         col = f"flow map, {n} step" + ("s" if n > 1 else "")
-        ctx.headline(f"checkerboard: on dark squares, flow map {n} step(s)",
-                     f"{scores[('checkerboard', col)]:.1%}")
+        ctx.headline(
+            f"checkerboard: on dark squares, flow map {n} step(s)",
+            f"{scores[('checkerboard', col)]:.1%}",
+        )
     ctx.headline("checkerboard: on dark squares, ODE", f"{scores[('checkerboard', cols[1])]:.1%}")
     table = "\n".join(
         f"| {col} | {scores[('checkerboard', col)]:.1%} | {scores[('Gaussian mixture', col)]:.3f} |"
@@ -501,26 +552,44 @@ def _part_guidance(ctx: TourContext, v_gmm: Callable, p_gmm: Any) -> None:
 
     ctx.progress(f"guidance at w={scale}: CFG, APG, CFG manifold projection")
     methods = {
-        "conditional (w=1)": (lambda x: gen.cfg_projection_sample(
-            vel, x, labels, scale=1.0, num_steps=steps, projection_steps=0, null_cond=null),
-            2 * steps),
-        f"CFG (w={scale:g})": (lambda x: gen.cfg_projection_sample(
-            vel, x, labels, scale=scale, num_steps=steps, projection_steps=0, null_cond=null),
-            2 * steps),
-        f"APG (w={scale:g})": (lambda x: apg_sample(
-            vel, x, labels, null, scale=scale, num_steps=steps), 2 * steps),
-        f"CFG-MP (w={scale:g})": (lambda x: gen.cfg_projection_sample(
-            vel, x, labels, scale=scale, num_steps=steps, anderson_window=0, null_cond=null),
-            2 * steps + 2 * 2 * int(np.ceil(0.6 * steps))),
-        f"CFG-MP+ (w={scale:g})": (lambda x: gen.cfg_projection_sample(
-            vel, x, labels, scale=scale, num_steps=steps, null_cond=null),
-            2 * steps + 2 * 2 * int(np.ceil(0.6 * steps))),
-        f"CFG-MP+ ridge 100 (w={scale:g})": (lambda x: gen.cfg_projection_sample(
-            vel, x, labels, scale=scale, num_steps=steps, ridge=100.0, null_cond=null),
-            2 * steps + 2 * 2 * int(np.ceil(0.6 * steps))),
+        "conditional (w=1)": (
+            lambda x: gen.cfg_projection_sample(
+                vel, x, labels, scale=1.0, num_steps=steps, projection_steps=0, null_cond=null
+            ),
+            2 * steps,
+        ),
+        f"CFG (w={scale:g})": (
+            lambda x: gen.cfg_projection_sample(
+                vel, x, labels, scale=scale, num_steps=steps, projection_steps=0, null_cond=null
+            ),
+            2 * steps,
+        ),
+        f"APG (w={scale:g})": (
+            lambda x: apg_sample(vel, x, labels, null, scale=scale, num_steps=steps),
+            2 * steps,
+        ),
+        f"CFG-MP (w={scale:g})": (
+            lambda x: gen.cfg_projection_sample(
+                vel, x, labels, scale=scale, num_steps=steps, anderson_window=0, null_cond=null
+            ),
+            2 * steps + 2 * 2 * int(np.ceil(0.6 * steps)),
+        ),
+        f"CFG-MP+ (w={scale:g})": (
+            lambda x: gen.cfg_projection_sample(
+                vel, x, labels, scale=scale, num_steps=steps, null_cond=null
+            ),
+            2 * steps + 2 * 2 * int(np.ceil(0.6 * steps)),
+        ),
+        f"CFG-MP+ ridge 100 (w={scale:g})": (
+            lambda x: gen.cfg_projection_sample(
+                vel, x, labels, scale=scale, num_steps=steps, ridge=100.0, null_cond=null
+            ),
+            2 * steps + 2 * 2 * int(np.ceil(0.6 * steps)),
+        ),
     }
-    centres = np.asarray(data.gaussian_mixture_centres(num_components=NUM_COMPONENTS,
-                                                       radius=GMM_RADIUS))
+    centres = np.asarray(
+        data.gaussian_mixture_centres(num_components=NUM_COMPONENTS, radius=GMM_RADIUS)
+    )
     ncols = (len(methods) + 1) // 2
     fig, axes = plt.subplots(2, ncols, figsize=(3.2 * ncols, 7.6))
     rows = []
@@ -535,9 +604,11 @@ def _part_guidance(ctx: TourContext, v_gmm: Callable, p_gmm: Any) -> None:
         ax.scatter(*centres.T, marker="x", c="k", s=30)
         ax.set(xlim=(-8, 8), ylim=(-8, 8), aspect="equal")
         out = float(jnp.mean(jnp.max(jnp.abs(s), -1) > 8))
-        ax.set_title(f"{name}\nmean dist. to class centre {mean:.2f}"
-                     + (f"\n{out:.0%} of samples outside the frame" if out > 0 else ""),
-                     fontsize=8)
+        ax.set_title(
+            f"{name}\nmean dist. to class centre {mean:.2f}"
+            + (f"\n{out:.0%} of samples outside the frame" if out > 0 else ""),
+            fontsize=8,
+        )
     fig.tight_layout()
     ctx.savefig(fig, "generative_guidance.png")
     ideal = GMM_STD * np.sqrt(np.pi / 2)
@@ -562,8 +633,7 @@ def _part_guidance(ctx: TourContext, v_gmm: Callable, p_gmm: Any) -> None:
         + "\n".join(f"| {n} | {m:.3f} | {md:.3f} | {i:.1%} | {e} |" for n, m, md, i, e in rows)
     )
     for n, m, _, _, _ in rows[1:]:
-        ctx.headline(f"GMM w={scale:g}: mean distance to class centre, {n.rsplit(' (', 1)[0]}",
-                     m)
+        ctx.headline(f"GMM w={scale:g}: mean distance to class centre, {n.rsplit(' (', 1)[0]}", m)
 
 
 @section(

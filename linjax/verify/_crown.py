@@ -7,7 +7,10 @@ The engine has two sweeps over the flat graph of ``_graph.trace``:
    "pre-activation") is then bounded by a backward pass started at that variable with the
    identity specification, as auto_LiRPA does, and the interval is intersected with the
    IBP one (both are sound); variables whose IBP interval is already exact
-   (:func:`ibp_exact`, e.g. a first layer ``W x + b``) skip that pass. Each node is then
+   (:func:`ibp_exact`, e.g. a first layer ``W x + b``) skip that pass, and convolutional
+   feature maps reached from the input through a chain of convolutions and elementwise
+   ops take it in patch mode (``_patches``: each row keeps only its receptive field).
+   Each node is then
    *linearized* once (``_linearize``) from the final bounds of its arguments: exactly for
    affine nodes (through their VJP), by a linear relaxation for nonlinear ones, or by its
    output interval as a last resort.
@@ -39,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from linjax.verify import _graph
+from linjax.verify import _graph, _patches
 from linjax.verify import _linearize as lz
 from linjax.verify._box import Box, LinearBounds, check_box
 from linjax.verify._crown_rules import Relaxed
@@ -164,6 +167,9 @@ def _two_sided(prop: Propagation, box: Box, var: int, spec: jax.Array, **kw):
 
 
 def _crown_interval(prop: Propagation, box: Box, var: int, alphas: Mapping | None) -> Box:
+    windowed = _patches.interval(prop, box, var, alphas, start_key=var)
+    if windowed is not None:  # a convolutional chain: the same bounds, window by window
+        return windowed
     aval = prop.graph.avals[var]
     n = int(np.prod(aval.shape, dtype=np.int64))
     eye = jnp.eye(n, dtype=aval.dtype).reshape((n,) + tuple(aval.shape))
@@ -422,10 +428,11 @@ def crown(
 
     Intermediate bounds: ``"crown"`` bounds every pre-activation by its own backward pass
     (as auto_LiRPA's CROWN; cost grows with the number of pre-activation neurons) and
-    intersects with IBP; ``"ibp"`` uses IBP bounds (CROWN-IBP: one backward pass). CROWN
-    is usually, but **not always**, tighter than :func:`ibp` elementwise (the adaptive
-    ReLU lower slope can lose to IBP on a single unstable neuron), and the ``"crown"``
-    mode is not always tighter than ``"ibp"``.
+    intersects with IBP; for convolutional feature maps that pass keeps each row's
+    receptive field only (auto_LiRPA's patches mode, same bounds); ``"ibp"`` uses IBP
+    bounds (CROWN-IBP: one backward pass). CROWN is usually, but **not always**, tighter
+    than :func:`ibp` elementwise (the adaptive ReLU lower slope can lose to IBP on a
+    single unstable neuron), and the ``"crown"`` mode is not always tighter than ``"ibp"``.
 
     Work for a single box: batch over boxes with ``jax.vmap``. Pure and traceable
     (``jit``, ``grad`` and ``vmap`` work; matmuls at the highest precision).

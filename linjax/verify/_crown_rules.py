@@ -340,7 +340,7 @@ _LINEAR = [
     "add", "sub", "neg", "reshape", "transpose", "broadcast_in_dim", "squeeze", "slice",
     "concatenate", "pad", "rev", "reduce_sum", "cumsum",
     "reduce_window_sum", "sharding_constraint", "split", "tile", "dynamic_slice",
-    "dynamic_update_slice", "gather", "scatter_add",
+    "dynamic_update_slice", "gather", "scatter_add", "stack", "unstack",
 ]  # fmt: skip
 
 

@@ -304,7 +304,7 @@ _MONOTONE = [
     "pad", "rev", "reduce_sum", "reduce_max", "reduce_min",
     "max", "min", "clamp", "cumsum", "cummax", "cummin", "cumlogsumexp", "reduce_window_sum",
     "reduce_window_max", "reduce_window_min", "reduce_precision", "sharding_constraint",
-    "split", "tile", "floor", "ceil", "round", "sign",
+    "split", "tile", "floor", "ceil", "round", "sign", "stack", "unstack",
 ]  # fmt: skip
 _INDEXED = {"dynamic_slice": range(1, 64), "dynamic_update_slice": range(2, 64), "gather": (1,),
             "scatter": (1,), "scatter_add": (1,)}  # fmt: skip

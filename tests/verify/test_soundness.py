@@ -227,6 +227,8 @@ STRUCTURAL = {
     "floor": lambda x: jnp.floor(3 * x),
     "max_min_axes": lambda x: jnp.max(x.reshape(2, 2), axis=1) - jnp.min(x),
     "where_bounded": lambda x: jnp.where(x[:2] > x[2:], jnp.exp(x[:2]), x[2:] ** 2),
+    "stack": lambda x: jnp.tanh(jnp.stack([x[:2], 2 * x[2:], jnp.ones(2)]).sum(0)),
+    "unstack": lambda x: (lambda a, b: jnp.tanh(a - 2 * b))(*jax.lax.unstack(x.reshape(2, 2))),
 }
 
 

@@ -138,36 +138,21 @@ def _plan(prop, start: int, alpha_of) -> tuple[list[_Step], dict[int, tuple[int,
             for var, axes in ((s.out, dn.out_spec[2:]), (s.arg, dn.lhs_spec[2:])):
                 if spatial.setdefault(var, tuple(axes)) != tuple(axes):
                     return None
+
+    def across(s: _Step, src: int, dst: int):  # the spatial axes of src, as axes of dst
+        if s.kind != "unit":
+            return spatial[src]
+        return _map_spatial(spatial[src], avals[src].shape, avals[dst].shape)
+
     for order in (steps, steps[::-1]):  # carry outwards in both directions
         for s in order:
-            if s.kind == "conv":
-                continue
-            a_shape, o_shape = avals[s.arg].shape, avals[s.out].shape
-            if s.out in spatial and s.arg not in spatial:
-                mapped = (
-                    spatial[s.out]
-                    if s.kind != "unit"
-                    else _map_spatial(spatial[s.out], o_shape, a_shape)
-                )
-                if mapped is None:
-                    return None
-                spatial[s.arg] = mapped
-            elif s.arg in spatial and s.out not in spatial:
-                mapped = (
-                    spatial[s.arg]
-                    if s.kind != "unit"
-                    else _map_spatial(spatial[s.arg], a_shape, o_shape)
-                )
-                if mapped is None:
-                    return None
-                spatial[s.out] = mapped
-    for s in steps:
-        if (
-            s.kind == "unit"
-            and _map_spatial(spatial[s.out], avals[s.out].shape, avals[s.arg].shape)
-            != spatial[s.arg]
-        ):
-            return None
+            for src, dst in ((s.out, s.arg), (s.arg, s.out)):
+                if s.kind != "conv" and src in spatial and dst not in spatial:
+                    if (axes := across(s, src, dst)) is None:
+                        return None
+                    spatial[dst] = axes
+    if any(s.kind != "conv" and across(s, s.out, s.arg) != spatial[s.arg] for s in steps):
+        return None  # two convolutions disagree on which axes are spatial
     if any(min(avals[v].shape[a] for a in spatial[v]) < 2 for v in spatial):
         return None
     return steps, spatial

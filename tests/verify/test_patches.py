@@ -165,9 +165,15 @@ def test_graphs_outside_patch_mode_fall_back(monkeypatch, getkey, check_sound):
         h = jnp.swapaxes(h, 2, 3)
         return jax.nn.relu(_conv(h, w2, (1, 1), "SAME")).sum(axis=(2, 3))[0]
 
+    w3 = jax.random.normal(k[1], (3, 3, 6, 2)) * 0.5
+
+    def mixed_layouts(x):  # the second conv reads the NCHW map as NHWC: axes disagree
+        h = jax.nn.relu(_conv(x[None], w, (1, 1), "SAME"))
+        return jax.nn.relu(_conv(h, w3, (1, 1), "SAME", _NHWC)).sum(axis=(1, 2))[0]
+
     x = jax.random.uniform(getkey(), (2, 6, 6), jnp.float64)
     box = vf.Box.from_eps(x, 0.1)
-    for fn in (residual, transposed):
+    for fn in (residual, transposed, mixed_layouts):
         patched, dense, taken = _crown_both(monkeypatch, fn, box)
         assert taken and not any(taken)
         np.testing.assert_array_equal(patched.lower, dense.lower)

@@ -67,13 +67,12 @@ def _phase_taps(stride: int, k: int) -> tuple[int, np.ndarray]:
 def strided_conv_transpose(params: dict, w: jax.Array, lhs_shape, out_shape) -> Callable | None:
     r"""The VJP of a strided 2-D ``conv_general_dilated`` in its input, as one stride-1 conv.
 
-        XLA computes this VJP as a convolution with an input dilated by the stride, which is
-        slow on CPU. With $n + q = s p + r$ ($q$ the low padding), input element $n$ gets
-        $\sum_j W[s j + r]\, ar y[p - j]$: for every phase $r$ a stride-1 correlation of
-        $ar y$ with a $\lceil k/s
-    ceil$-tap kernel. All phases are the output channels of
-        one undilated convolution, then interleaved (sub-pixel shuffle) and cropped. Returns
-        ``None`` where this does not apply (stride 1, dilations, groups, negative padding).
+    XLA computes this VJP as a convolution with an input dilated by the stride, which is
+    slow on CPU. With $n + q = s p + r$ ($q$ the low padding), input element $n$ gets
+    $\sum_j W[s j + r]\, \bar y[p - j]$: for every phase $r$ a stride-1 correlation of
+    $\bar y$ with a $\lceil k/s \rceil$-tap kernel. All phases are the output channels of
+    one undilated convolution, then interleaved (sub-pixel shuffle) and cropped. Returns
+    ``None`` where this does not apply (stride 1, dilations, groups, negative padding).
     """
     dn = params["dimension_numbers"]
     strides, pads = params["window_strides"], params["padding"]

@@ -283,18 +283,21 @@ def interval(prop, box: Box, start: int, alphas, start_key) -> Box | None:
     bias = jnp.zeros((*grid, 2 * c0), dtype)
     clean = True  # every window entry outside the current map is zero
 
-    def unf(t, var):  # [Ho, Wo, 1, ph, pw, C], broadcasting over the rows
-        return unfold(jnp.broadcast_to(t, avals[var].shape), spatial[var], grid, geo)[:, :, None]
+    def unf(t, var):  # [Ho, Wo, ph, pw, C]
+        return unfold(jnp.broadcast_to(t, avals[var].shape), spatial[var], grid, geo)
 
-    def window_dot(x, win):  # sum over each window of x [Ho, Wo, M, ...] * win [Ho, Wo, 1, ...]
-        return jnp.einsum("xymabc,xyabc->xym", x, win[:, :, 0])
+    def rows(win):  # broadcast a window array over the rows of p
+        return win[:, :, None]
+
+    def window_dot(x, win):  # per row, the sum over its window of x [Ho, Wo, M, ...] * win
+        return jnp.einsum("xymabc,xyabc->xym", x, win)
 
     for step in steps:
         node, lin = graph.nodes[step.node], prop.lins[step.node]
         name = node.primitive.name
         if step.kind == "conv":
             if not clean:  # zero the entries that fall in the padding of the conv's output
-                p = p * unf(jnp.ones((), dtype), step.out)
+                p = p * rows(unf(jnp.ones((), dtype), step.out))
             p, geo = _conv_step(p, node, geo)
             clean = _inside(tuple(avals[step.arg].shape[a] for a in spatial[step.arg]), grid, geo)
         elif step.kind == "diag":
@@ -303,7 +306,7 @@ def interval(prop, box: Box, start: int, alphas, start_key) -> Box | None:
                 p = -p
             elif name in ("mul", "div"):
                 (diag,) = lin.vjp(jnp.ones(avals[step.out].shape, dtype))
-                p = p * unf(diag, step.out)
+                p = p * rows(unf(diag, step.out))
                 clean = True
         elif step.kind == "relax":
             a_lows, a_ups, c_low, c_up = lin.coefficients(alpha_of(step.node))
@@ -314,7 +317,7 @@ def interval(prop, box: Box, start: int, alphas, start_key) -> Box | None:
             c_low, c_up = unf(c_low, step.out), unf(c_up, step.out)
             mag = jnp.abs(p)
             bias = bias + window_dot(p, (c_low + c_up) / 2) + window_dot(mag, (c_low - c_up) / 2)
-            p = p * ((a_low + a_up) / 2) + mag * ((a_low - a_up) / 2)
+            p = p * rows((a_low + a_up) / 2) + mag * rows((a_low - a_up) / 2)
             clean = True
         # "unit": the windows are unchanged; only the spatial axes were renamed
     value = window_dot(p, unf(box.center, 0)) - window_dot(jnp.abs(p), unf(box.radius, 0)) + bias

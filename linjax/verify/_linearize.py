@@ -284,14 +284,14 @@ class ElementwiseLin:
     def __call__(self, lams: list, alpha: Any = None):
         (lam,) = lams
         aL, aU, cL, cU = self.coefficients(alpha)
-        # lam+ a + lam- b = lam (a + b)/2 + |lam| (a - b)/2: one pass over lam per
-        # argument, and the offsets enter through two matrix products.
-        mag = jnp.abs(lam)
+        # One product per element (the line of lam's sign), exact like lam+ a + lam- b;
+        # the offsets enter through two matrix products.
+        pos = lam >= 0
         lam_ins = [
-            None if a is None else unbroadcast(lam * ((a + b) / 2) + mag * ((a - b) / 2), s)
+            None if a is None else unbroadcast(lam * jnp.where(pos, a, b), s)
             for a, b, s in zip(aL, aU, self.in_shapes, strict=True)
         ]
-        return lam_ins, _offset_bias(lam, mag, cL, cU)
+        return lam_ins, _offset_bias(lam, jnp.abs(lam), cL, cU)
 
 
 class BackwardLin:

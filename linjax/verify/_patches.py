@@ -311,13 +311,12 @@ def interval(prop, box: Box, start: int, alphas, start_key) -> Box | None:
         elif step.kind == "relax":
             a_lows, a_ups, c_low, c_up = lin.coefficients(alpha_of(step.node))
             slot = node.inputs.index(step.arg)
-            # p+ a + p- b = p (a + b)/2 + |p| (a - b)/2: two window dots instead of a
-            # product of the size of p per offset.
-            a_low, a_up = unf(a_lows[slot], step.out), unf(a_ups[slot], step.out)
+            # Offsets: p+ cL + p- cU = p (cL + cU)/2 + |p| (cL - cU)/2, two window dots.
             c_low, c_up = unf(c_low, step.out), unf(c_up, step.out)
-            mag = jnp.abs(p)
-            bias = bias + window_dot(p, (c_low + c_up) / 2) + window_dot(mag, (c_low - c_up) / 2)
-            p = p * rows((a_low + a_up) / 2) + mag * rows((a_low - a_up) / 2)
+            bias = bias + window_dot(p, (c_low + c_up) / 2)
+            bias = bias + window_dot(jnp.abs(p), (c_low - c_up) / 2)
+            a_low, a_up = unf(a_lows[slot], step.out), unf(a_ups[slot], step.out)
+            p = p * jnp.where(p >= 0, rows(a_low), rows(a_up))
             clean = True
         # "unit": the windows are unchanged; only the spatial axes were renamed
     value = window_dot(p, unf(box.center, 0)) - window_dot(jnp.abs(p), unf(box.radius, 0)) + bias

@@ -33,6 +33,7 @@ from flax import nnx
 from linjax import data
 from linjax import generative as gen
 from linjax._tour import TourContext, section
+from linjax._tour_fit import fit
 
 NULL_DIGIT = 10  # the null class of the digits model (classes 0..9)
 NUM_COMPONENTS = 8  # Gaussian-mixture components = classes; NUM_COMPONENTS is the null class
@@ -116,20 +117,7 @@ def train(
 ) -> tuple[Any, np.ndarray]:
     """Adam with a cosine-decayed step on ``loss_fn(params, key)``, one jitted ``lax.scan``."""
     opt = optax.adam(optax.cosine_decay_schedule(lr, steps, alpha=0.05))
-
-    @jax.jit
-    def run(params, key):
-        def step(carry, k):
-            params, state = carry
-            loss, g = jax.value_and_grad(loss_fn)(params, k)
-            updates, state = opt.update(g, state, params)
-            return (optax.apply_updates(params, updates), state), loss
-
-        (params, _), losses = jax.lax.scan(step, (params, opt.init(params)), jr.split(key, steps))
-        return params, losses
-
-    params, losses = run(params, key)
-    return params, np.asarray(losses)
+    return fit(loss_fn, params, opt, steps=steps, key=key)
 
 
 def to_f64(params: Any) -> Any:

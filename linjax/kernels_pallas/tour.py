@@ -35,6 +35,7 @@ from flax import nnx
 
 from linjax import kernels_pallas as kp
 from linjax._tour import TourContext, section
+from linjax._tour_fit import fit
 from linjax.kernels_pallas import layers
 from linjax.kernels_pallas._local_attention_2d import local_attention_2d_mask
 
@@ -239,19 +240,8 @@ def train_lm(
         logits = nnx.merge(graphdef, params)(w[:, :-1])
         return optax.softmax_cross_entropy_with_integer_labels(logits, w[:, 1:]).mean()
 
-    @jax.jit
-    def run(params, key):
-        def step(carry, k):
-            params, state = carry
-            loss, g = jax.value_and_grad(loss_fn)(params, k)
-            updates, state = opt.update(g, state, params)
-            return (optax.apply_updates(params, updates), state), loss
-
-        (params, _), losses = jax.lax.scan(step, (params, opt.init(params)), jr.split(key, steps))
-        return params, losses
-
-    params, losses = run(params, key)
-    return nnx.merge(graphdef, params), np.asarray(losses)
+    params, losses = fit(loss_fn, params, opt, steps=steps, key=key)
+    return nnx.merge(graphdef, params), losses
 
 
 def perplexity(model: CharLM, eval_windows: jax.Array) -> float:

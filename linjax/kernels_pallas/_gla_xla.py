@@ -187,17 +187,19 @@ def _block(state, xs, *, scale: float, clip: float):
     k_off = k * jnp.exp(tail + (r - g_next[:, :, :, :, None]))
     a_off = jnp.einsum("nbhik,nbhjk->nbhij", flat(q_off), flat(k_off), precision=_HI)
 
-    # Same sub-chunk J = I: per-gate clip at -L and a sub-chunk midpoint reference. The
-    # [C, C] product is formed whole (one efficient matmul) and only its diagonal blocks
-    # are kept: other entries may overflow and are never used.
+    pos = jnp.arange(big_c)
+    earlier = (pos[:, None] // sub) > (pos[None, :] // sub)
+    o = o + jnp.einsum("nbhij,nbhjv->nbhiv", jnp.where(earlier, a_off, 0.0), flat(v), precision=_HI)
+
+    # Same sub-chunk J = I: per-gate clip at -L and a sub-chunk midpoint reference, as
+    # small [c, c] products per sub-chunk (entries above the diagonal may overflow and are
+    # masked before use).
     beta_c = _cumsum(jnp.maximum(g, -clip), 4)
     m = _midpoint(beta_c, 4)
-    q_d, k_d = flat(q * jnp.exp(beta_c - m)), flat(k * jnp.exp(m - beta_c))
-    a_diag = jnp.einsum("nbhik,nbhjk->nbhij", q_d, k_d, precision=_HI)
-    pos = jnp.arange(big_c)
-    sub_id = pos // sub
-    same = (sub_id[:, None] == sub_id[None, :]) & (pos[:, None] >= pos[None, :])
-    a = jnp.where(sub_id[:, None] > sub_id[None, :], a_off, jnp.where(same, a_diag, 0.0))
-    o = o + jnp.einsum("nbhij,nbhjv->nbhiv", a, flat(v), precision=_HI)
+    q_d, k_d = q * jnp.exp(beta_c - m), k * jnp.exp(m - beta_c)
+    a_diag = jnp.einsum("nbhsik,nbhsjk->nbhsij", q_d, k_d, precision=_HI)
+    causal = pos[:sub, None] >= pos[None, :sub]
+    o_diag = jnp.einsum("nbhsij,nbhsjv->nbhsiv", jnp.where(causal, a_diag, 0.0), v, precision=_HI)
+    o = o + flat(o_diag)
 
     return final, scale * o

@@ -151,7 +151,7 @@ def test_xla_scratch_memory_does_not_grow_with_length():
     """Blocks of chunks keep the XLA path's temporaries at one block's, whatever T."""
 
     def temp_bytes(t):
-        x = jnp.zeros((1, t, 2, 16))
+        x = jnp.zeros((1, t, 2, 16), jnp.float32)
         fn = jax.jit(lambda *a: kp.gated_linear_attention(*a, impl="xla"))
         return fn.lower(x, x, x, x).compile().memory_analysis().temp_size_in_bytes
 

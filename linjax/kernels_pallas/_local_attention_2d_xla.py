@@ -6,11 +6,12 @@ tile rectangle is below the radius (:attr:`TileSchedule.key_region`; for 8 x 8 t
 r = 8, 452 keys instead of the 576 of the 3 x 3 surrounding tiles), gathered from the key
 array with one ``take``, plus the ``num_global`` prefix keys. Scores are
 ``[image tokens, num_global + region]``, never ``[seq, seq]``: memory and FLOPs are
-``O(T * (num_global + window))`` up to the tile rounding. The disc mask is a static
-``[tile, region]`` table (it depends only on in-tile positions) combined with whether
-each gathered key lies on the grid. Prefix queries see every key and are computed densely
-(``[num_global, seq]`` scores). Differentiated by autodiff (the gather's transpose is a
-scatter-add).
+``O(T * (num_global + window))`` up to the tile rounding, computed for groups of tile
+rows one after another (:mod:`._sequential`) so that scratch memory is one group's. The
+disc mask is a static ``[tile, region]`` table (it depends only on in-tile positions)
+combined with whether each gathered key lies on the grid. Prefix queries see every key
+and are computed densely (``[num_global, seq]`` scores). Differentiated by autodiff (the
+gather's transpose is a scatter-add).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from linjax.kernels_pallas import _checks
+from linjax.kernels_pallas import _checks, _sequential
 from linjax.kernels_pallas._local_attention_2d_schedule import TileSchedule
 
 # A finite "minus infinity" as in the 1-D path: rows of padding stay finite.
@@ -61,23 +62,39 @@ def local_attention_2d_xla(
 
     qt = jnp.swapaxes(sched.image_to_tiles(q[:, ng:]), 3, 4).reshape(n, ny, nx, g * bs, d)
     index, on_grid = region_index(sched)
-    ks, vs = (
-        jnp.take(x[:, ng:], index.reshape(-1), axis=1).reshape(n, ny, nx, -1, x.shape[-1])
-        for x in (k, v)
+    mask = region_mask(sched, on_grid)
+    # Rows of query tiles go in groups of ``per``, one group after another (``_sequential``);
+    # padded tile rows see no image key and are dropped.
+    per = _sequential.blocks_per_step(n * nx * g * bs * (ng + index.shape[-1]), ny)
+    steps = -(-ny // per)
+    pad_rows = lambda x, axis: jnp.pad(
+        x, [(0, steps * per - ny if a == axis else 0) for a in range(x.ndim)]
     )
-    s = jnp.einsum("nyxqd,nyxkd->nyxqk", qt, ks, precision=HIGHEST).reshape(n, ny, nx, g, bs, -1)
-    s = jnp.where(region_mask(sched, on_grid)[None, :, :, None], s, MASK_VALUE)
-    s = s.reshape(n, ny, nx, g * bs, -1)
-    if ng:  # every image query also sees the prefix keys
-        s_pre = jnp.einsum("nyxqd,nkd->nyxqk", qt, k[:, :ng], precision=HIGHEST)
-        s = jnp.concatenate([s_pre, s], axis=-1)
-    m = lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
-    p = jnp.exp(s - m)
-    o = jnp.einsum("nyxqk,nyxke->nyxqe", p[..., ng:], vs, precision=HIGHEST)
-    if ng:
-        o = o + jnp.einsum("nyxqk,nke->nyxqe", p[..., :ng], v[:, :ng], precision=HIGHEST)
-    o = o / jnp.sum(p, axis=-1, keepdims=True)
-    o = sched.image_from_tiles(jnp.swapaxes(o.reshape(n, ny, nx, g, bs, dv), 3, 4))
+    qt, index, mask = pad_rows(qt, 1), pad_rows(index, 0), pad_rows(mask, 0)
+
+    def group(i):
+        rows = lambda x, axis: lax.dynamic_slice_in_dim(x, i * per, per, axis)
+        qg, idx, visible = rows(qt, 1), rows(index, 0), rows(mask, 0)
+        ks, vs = (
+            jnp.take(x[:, ng:], idx.reshape(-1), axis=1).reshape(n, per, nx, -1, x.shape[-1])
+            for x in (k, v)
+        )
+        s = jnp.einsum("nyxqd,nyxkd->nyxqk", qg, ks, precision=HIGHEST)
+        s = s.reshape(n, per, nx, g, bs, -1)
+        s = jnp.where(visible[None, :, :, None], s, MASK_VALUE).reshape(n, per, nx, g * bs, -1)
+        if ng:  # every image query also sees the prefix keys
+            s_pre = jnp.einsum("nyxqd,nkd->nyxqk", qg, k[:, :ng], precision=HIGHEST)
+            s = jnp.concatenate([s_pre, s], axis=-1)
+        m = lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
+        p = jnp.exp(s - m)
+        o = jnp.einsum("nyxqk,nyxke->nyxqe", p[..., ng:], vs, precision=HIGHEST)
+        if ng:
+            o = o + jnp.einsum("nyxqk,nke->nyxqe", p[..., :ng], v[:, :ng], precision=HIGHEST)
+        return o / jnp.sum(p, axis=-1, keepdims=True)
+
+    o = _sequential.sequential_map(group, steps)  # [steps, n, per, nx, g * bs, dv]
+    o = jnp.moveaxis(o, 0, 1).reshape(n, steps * per, nx, g, bs, dv)[:, :ny]
+    o = sched.image_from_tiles(jnp.swapaxes(o, 3, 4))
 
     if ng:  # prefix queries: dense over all keys
         s = jnp.einsum("ntgd,nsd->ngts", q[:, :ng], k, precision=HIGHEST)

@@ -220,8 +220,9 @@ def gated_linear_attention(
 
     Implementations (``impl``):
 
-    * ``"xla"``: the chunkwise form as batched einsums and one ``lax.scan`` over chunks;
-      differentiated by autodiff. The default on CPU.
+    * ``"xla"``: the chunkwise form as batched einsums and a ``lax.scan`` over chunks,
+      run in blocks of chunks one after another (scratch memory independent of ``T``);
+      differentiated by autodiff (checkpointed per block). The default on CPU.
     * ``"pallas"``: a fused kernel sequential over chunks that keeps the state on-chip, with
       a ``custom_vjp`` whose backward pass recomputes with the XLA chunkwise form. The
       default on GPU/TPU; interpreted on CPU.

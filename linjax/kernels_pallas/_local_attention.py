@@ -95,9 +95,10 @@ def local_attention(
 
     Implementations (``impl``):
 
-    * ``"xla"``: queries in blocks against the few neighbouring key blocks (one batched
-      matmul, never a ``[seq, seq]`` matrix), float32 softmax; differentiated by autodiff.
-      The default on CPU.
+    * ``"xla"``: queries in blocks against the few neighbouring key blocks (batched
+      matmuls, never a ``[seq, seq]`` matrix), float32 softmax, groups of blocks one
+      after another so scratch memory stays a few MiB at any length; differentiated by
+      autodiff (checkpointed per group). The default on CPU.
     * ``"pallas"``: a flash-attention kernel whose key loop visits only the blocks that
       intersect the window, online softmax in float32, with a ``custom_vjp`` whose backward
       is two Pallas kernels (``dq``; ``dk, dv``) that recompute probabilities from the saved

@@ -135,9 +135,10 @@ def local_attention_2d(
     * ``"xla"``: queries in 2-D tiles, each scored against exactly the keys that some
       query of the tile sees (gathered; 452 keys per 8 x 8 tile at r = 8) plus the prefix
       keys, as batched matmuls (a ``[seq, seq]`` matrix never exists); prefix queries
-      densely. Differentiated by autodiff. The default on CPU; the tile balances keys
-      scored against matmul size (8 x 8 at r = 8). About 8x faster than dense masked
-      attention on a 64 x 64 grid at r = 8 (``benchmarks/kernels.py``).
+      densely; groups of tile rows one after another so scratch memory stays a few MiB.
+      Differentiated by autodiff. The default on CPU; the tile balances keys scored
+      against matmul size (8 x 8 at r = 8). About 10x faster than dense masked attention
+      on a 64 x 64 grid at r = 8 (``benchmarks/kernels.py``).
     * ``"pallas"``: flash attention over the tokens permuted into 2-D tiles
       (``8 x 16`` by default): each query tile's key loop visits the prefix blocks and,
       per tile row, the contiguous run of key tiles within reach, with the disc mask

@@ -16,6 +16,8 @@ gather's transpose is a scatter-add).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,23 +51,35 @@ def region_mask(sched: TileSchedule, on_grid: jax.Array) -> jax.Array:
 def local_attention_2d_xla(
     q: jax.Array, k: jax.Array, v: jax.Array, *, sched: TileSchedule, scale: float
 ) -> jax.Array:
-    """CLEAR attention as batched tile matmuls (inputs already validated)."""
+    """CLEAR attention as batched tile matmuls (inputs already validated).
+
+    Mapped over key/value heads with ``vmap`` rather than merging them with the batch, so
+    that a batch- or head-sharded input keeps its sharding (a merged axis cannot).
+    """
     b, t, h, d = q.shape
     hk, dv = k.shape[2], v.shape[-1]
-    g, ng = h // hk, sched.num_global
-    n, ny, nx, bs = b * hk, sched.tiles_y, sched.tiles_x, sched.block
     out_dtype, acc = q.dtype, _checks.accum_dtype(q.dtype)
-    # Heads first, so that every product below is a plain batched matmul; the g query heads
-    # of a key/value head share its keys and are stacked as rows of one tile.
-    q = jnp.moveaxis((q.astype(acc) * scale).reshape(b, t, hk, g, d), 1, 2).reshape(n, t, g, d)
-    k, v = (jnp.swapaxes(x.astype(acc), 1, 2).reshape(n, t, x.shape[-1]) for x in (k, v))
+    q = (q.astype(acc) * scale).reshape(b, t, hk, h // hk, d)
+    attend = functools.partial(_attend_kv_head, sched=sched, heads=hk)
+    o = jax.vmap(attend, in_axes=2, out_axes=2)(q, k.astype(acc), v.astype(acc))
+    return o.reshape(b, t, h, dv).astype(out_dtype)
 
+
+def _attend_kv_head(q, k, v, *, sched: TileSchedule, heads: int):
+    """One key/value head: ``q [b, t, g, d]`` (scaled), ``k [b, t, d]``, ``v [b, t, dv]``.
+
+    The ``g`` query heads of the key/value head share its keys and are stacked as rows of
+    one tile. ``heads`` (how many such calls run side by side under ``vmap``) only sizes
+    the sequential groups.
+    """
+    n, t, g, d = q.shape
+    ng, ny, nx, bs, dv = sched.num_global, sched.tiles_y, sched.tiles_x, sched.block, v.shape[-1]
     qt = jnp.swapaxes(sched.image_to_tiles(q[:, ng:]), 3, 4).reshape(n, ny, nx, g * bs, d)
     index, on_grid = region_index(sched)
     mask = region_mask(sched, on_grid)
     # Rows of query tiles go in groups of ``per``, one group after another (``_sequential``);
     # padded tile rows see no image key and are dropped.
-    per = _sequential.blocks_per_step(n * nx * g * bs * (ng + index.shape[-1]), ny)
+    per = _sequential.blocks_per_step(heads * n * nx * g * bs * (ng + index.shape[-1]), ny)
     steps = -(-ny // per)
     pad_rows = lambda x, axis: jnp.pad(
         x, [(0, steps * per - ny if a == axis else 0) for a in range(x.ndim)]
@@ -100,5 +114,4 @@ def local_attention_2d_xla(
         s = jnp.einsum("ntgd,nsd->ngts", q[:, :ng], k, precision=HIGHEST)
         og = jnp.einsum("ngts,nse->ntge", jax.nn.softmax(s, axis=-1), v, precision=HIGHEST)
         o = jnp.concatenate([og, o], axis=1)
-    o = jnp.moveaxis(o.reshape(b, hk, t, g, dv), 1, 2).reshape(b, t, h, dv)
-    return o.astype(out_dtype)
+    return o

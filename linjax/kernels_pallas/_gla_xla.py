@@ -48,11 +48,10 @@ Gradients (and JVPs) come from autodiff of this function.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
-from linjax.kernels_pallas import _checks
+from linjax.kernels_pallas import _checks, _sequential
 
 SUB_CHUNK = 16  # sub-chunk of the Pallas kernel
 XLA_SUB_CHUNK = 8
@@ -128,16 +127,8 @@ def gla_xla(q, k, v, log_gates, initial_state, *, scale: float, chunk_size: int)
         o = o.transpose(1, 0, 3, 2, 4).reshape(bsz, per_block * big_c, h, dv)
         return state, o.astype(v.dtype)
 
-    state = initial_state.astype(acc)
-    if nb == 1:
-        final, o = block(state, 0)
-    else:
-        # Blocks of chunks in sequence: temporaries stay O(block) (cache-sized) instead of
-        # O(T), and autodiff saves only the state entering each block (the body is
-        # recomputed in the backward pass).
-        final, o = lax.scan(jax.checkpoint(block), state, jnp.arange(nb))
-        o = jnp.moveaxis(o, 0, 1).reshape(bsz, tp, h, dv)
-    return o[:, :t], final
+    final, o = _sequential.sequential_scan(block, initial_state.astype(acc), nb)
+    return jnp.moveaxis(o, 0, 1).reshape(bsz, tp, h, dv)[:, :t], final
 
 
 def _chunks_per_block(heads: int, chunk: int, n: int) -> int:

@@ -3,14 +3,17 @@
 XLA:CPU gives a program one scratch allocation for all its temporaries. Past a few tens
 of MiB that allocation is mapped fresh on every call, and page-faulting it in cost more
 than the arithmetic on the 2-core CI machine (the GLA forward at T = 16,384 spent 29 of
-its 58 ms there). Mapping :func:`sequential_map` over groups of blocks keeps the
-temporaries at one group's (a few MiB, which also stay in cache) and checkpoints the body,
-so that autodiff saves only the loop index and recomputes the group in the backward pass.
+its 58 ms there). Looping over groups of blocks (:func:`sequential_map`, or
+:func:`sequential_scan` where a carry such as a recurrent state passes between groups)
+keeps the temporaries at one group's (a few MiB, which also stay in cache) and checkpoints
+the body, so that autodiff saves only the loop index and the carries and recomputes each
+group in the backward pass.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +35,17 @@ def blocks_per_step(elements_per_block: int, num_blocks: int) -> int:
     return target
 
 
-def sequential_map(fn: Callable[[jax.Array], jax.Array], num_steps: int) -> jax.Array:
-    """``stack([fn(i) for i in range(num_steps)])`` as one checkpointed loop (``lax.map``)."""
+def sequential_scan(fn: Callable, init: Any, num_steps: int) -> tuple[Any, Any]:
+    """``lax.scan(fn, init, arange(num_steps))`` with a checkpointed body (one call if 1 step).
+
+    ``fn(carry, i) -> (carry, y)``; returns the last carry and the ``y`` stacked over steps.
+    """
     if num_steps == 1:
-        return fn(jnp.int32(0))[None]
-    return lax.map(jax.checkpoint(fn), jnp.arange(num_steps, dtype=jnp.int32))
+        carry, y = fn(init, jnp.int32(0))
+        return carry, jax.tree.map(lambda x: x[None], y)
+    return lax.scan(jax.checkpoint(fn), init, jnp.arange(num_steps, dtype=jnp.int32))
+
+
+def sequential_map(fn: Callable[[jax.Array], Any], num_steps: int) -> Any:
+    """``stack([fn(i) for i in range(num_steps)])`` as one checkpointed loop."""
+    return sequential_scan(lambda carry, i: (carry, fn(i)), None, num_steps)[1]

@@ -16,16 +16,6 @@ from linjax import curvature as cv
 pytestmark = pytest.mark.multidevice
 
 
-@pytest.fixture(scope="module")
-def mesh():
-    if jax.device_count() < 4:
-        pytest.fail(
-            "multi-device tests need 4 devices: run with "
-            "XLA_FLAGS=--xla_force_host_platform_device_count=4 pytest -m multidevice"
-        )
-    return jax.make_mesh((4,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
-
-
 def _like():
     return {"w": jnp.zeros((16, 8)), "b": jnp.zeros(8)}  # d = 136, divisible by 4
 

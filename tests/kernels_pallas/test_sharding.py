@@ -17,16 +17,6 @@ pytestmark = pytest.mark.multidevice
 B, T, H, D = 4, 72, 4, 16  # T = 72: several sequential groups below, the last one padded
 
 
-@pytest.fixture(scope="module")
-def mesh():
-    if jax.device_count() < 4:
-        pytest.fail(
-            "multi-device tests need 4 devices: run with "
-            "XLA_FLAGS=--xla_force_host_platform_device_count=4 pytest -m multidevice"
-        )
-    return jax.make_mesh((4,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
-
-
 OPS = {
     "local_attention": lambda q, k, v, g: kp.local_attention(q, k, v, window=20, block_size=8),
     "local_attention_2d": lambda q, k, v, g: kp.local_attention_2d(

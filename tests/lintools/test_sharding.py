@@ -14,16 +14,6 @@ from linjax import lintools as lt
 pytestmark = pytest.mark.multidevice
 
 
-@pytest.fixture(scope="module")
-def mesh():
-    if jax.device_count() < 4:
-        pytest.fail(
-            "multi-device tests need 4 devices: run with "
-            "XLA_FLAGS=--xla_force_host_platform_device_count=4 pytest -m multidevice"
-        )
-    return jax.make_mesh((4,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
-
-
 def _operator(key):
     # Diagonal plus rank-2, written leaf by leaf so nothing is raveled.
     k1, k2, k3 = jax.random.split(key, 3)
